@@ -1,0 +1,39 @@
+"""xcodec2_jax: the X-Codec2 speech codec (16 kHz speech <-> 50 tokens/s) in JAX/Flax."""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING
+
+__version__ = "0.1.0"
+
+# Public name -> defining module. Resolved on first use so that `import xcodec2_jax` (and the CLI's
+# start-up) does not pay for importing Flax and building every module.
+_EXPORTS = {
+    "Xcodec2Config": "config",
+    "SemanticConfig": "config",
+    "Xcodec2Model": "model",
+    "load_params": "weights",
+    "CheckpointMismatchError": "weights",
+    "Xcodec2FeatureExtractor": "features",
+}
+
+__all__ = sorted(_EXPORTS)
+
+if TYPE_CHECKING:
+    from .config import SemanticConfig, Xcodec2Config
+    from .features import Xcodec2FeatureExtractor
+    from .model import Xcodec2Model
+    from .weights import CheckpointMismatchError, load_params
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        value = getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(set(globals()) | set(__all__))

@@ -1,0 +1,1 @@
+"""Small layers shared by the X-Codec2 modules."""
