@@ -1,0 +1,271 @@
+"""Load PyTorch safetensors checkpoints of X-Codec2 into Flax parameter trees (numpy only, no torch).
+
+The Flax modules are named after the transformers attributes, so a transformers key maps to a
+parameter path almost by identity: ``acoustic_decoder.layers.3.self_attn.q_proj.weight`` becomes
+``('acoustic_decoder', 'layers_3', 'self_attn', 'q_proj', 'kernel')``. Only the layouts change:
+linear weights (out, in) become kernels (in, out), conv weights (out, in/groups, k) become
+(k, in/groups, out), and norm weights become ``scale``.
+
+Loading is strict: every checkpoint key must land on a parameter of the expected shape and every
+parameter must be filled, otherwise one :class:`CheckpointMismatchError` lists all the problems.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+
+SAFE_WEIGHTS_NAME = "model.safetensors"
+SAFE_WEIGHTS_INDEX_NAME = "model.safetensors.index.json"
+
+# Checkpoint entries the inference model has no use for. They are recognised and dropped so that
+# strictness still catches every genuinely unknown key.
+_UNUSED_KEYS = ("semantic_encoder.masked_spec_embed",)
+
+
+class CheckpointMismatchError(ValueError):
+    """A checkpoint does not match the model: unknown keys, missing parameters or wrong shapes."""
+
+    def __init__(self, unexpected=(), missing=(), mismatched=(), source: str = "checkpoint"):
+        self.unexpected = list(unexpected)
+        self.missing = list(missing)
+        self.mismatched = list(mismatched)
+        lines = [f"{source} does not match the model:"]
+        if self.unexpected:
+            lines.append(f"  {len(self.unexpected)} unexpected key(s) (no parameter to receive them):")
+            lines += [f"    {k} {tuple(shape)}" for k, shape in self.unexpected]
+        if self.missing:
+            lines.append(f"  {len(self.missing)} parameter(s) not filled by the checkpoint:")
+            lines += [f"    {k} expected {tuple(shape)}" for k, shape in self.missing]
+        if self.mismatched:
+            lines.append(f"  {len(self.mismatched)} shape mismatch(es):")
+            lines += [
+                f"    {k}: expected {tuple(exp)} (torch layout {tuple(texp)}), found {tuple(found)}"
+                for k, exp, texp, found in self.mismatched
+            ]
+        super().__init__("\n".join(lines))
+
+
+# --------------------------------------------------------------------------------------------------
+# Reading safetensors with numpy
+
+
+def _resolve_files(path: str) -> list[str]:
+    if os.path.isfile(path):
+        if path.endswith(".json"):
+            return _files_from_index(path)
+        return [path]
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"no checkpoint at {path!r}")
+    single = os.path.join(path, SAFE_WEIGHTS_NAME)
+    if os.path.isfile(single):
+        return [single]
+    index = os.path.join(path, SAFE_WEIGHTS_INDEX_NAME)
+    if os.path.isfile(index):
+        return _files_from_index(index)
+    found = sorted(f for f in os.listdir(path) if f.endswith(".safetensors"))
+    if len(found) == 1:
+        return [os.path.join(path, found[0])]
+    raise FileNotFoundError(
+        f"no {SAFE_WEIGHTS_NAME} or {SAFE_WEIGHTS_INDEX_NAME} in {path!r}"
+        + (f" (found several .safetensors files: {found})" if found else "")
+    )
+
+
+def _files_from_index(index_path: str) -> list[str]:
+    with open(index_path, encoding="utf-8") as f:
+        weight_map = json.load(f)["weight_map"]
+    root = os.path.dirname(index_path)
+    files = []
+    for name in weight_map.values():
+        full = os.path.join(root, name)
+        if full not in files:
+            files.append(full)
+    missing = [f for f in files if not os.path.isfile(f)]
+    if missing:
+        raise FileNotFoundError(f"shard(s) listed in {index_path} are missing: {missing}")
+    return files
+
+
+def read_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
+    """Read every tensor of a safetensors checkpoint (file, directory, or sharded index) as numpy."""
+    from safetensors.numpy import load_file
+
+    state: dict[str, np.ndarray] = {}
+    for file in _resolve_files(os.fspath(path)):
+        try:
+            tensors = load_file(file)
+        except TypeError:
+            # bf16 tensors have no numpy dtype in older safetensors; go through ml_dtypes via flax.
+            tensors = _load_file_bf16(file)
+        for key, value in tensors.items():
+            if key in state:
+                raise ValueError(f"key {key!r} appears in more than one shard ({file})")
+            state[key] = value
+    return state
+
+
+def _load_file_bf16(file: str) -> dict[str, np.ndarray]:
+    import ml_dtypes
+    from safetensors import safe_open
+
+    out = {}
+    with safe_open(file, framework="flax") as f:
+        for key in f.keys():
+            out[key] = np.asarray(f.get_tensor(key)).astype(ml_dtypes.bfloat16)
+    return out
+
+
+# --------------------------------------------------------------------------------------------------
+# Key and layout mapping
+
+
+def torch_key_to_path(key: str) -> tuple[str, ...]:
+    """``a.layers.3.b.weight`` -> ``('a', 'layers_3', 'b', 'weight')`` (leaf name not yet mapped)."""
+    out: list[str] = []
+    for part in key.split("."):
+        if part.isdigit() and out:
+            out[-1] = f"{out[-1]}_{part}"
+        else:
+            out.append(part)
+    return tuple(out)
+
+
+def _flatten(tree: Mapping[str, Any], prefix: tuple[str, ...] = ()) -> dict[tuple[str, ...], Any]:
+    flat = {}
+    for k, v in tree.items():
+        if isinstance(v, Mapping):
+            flat.update(_flatten(v, prefix + (k,)))
+        else:
+            flat[prefix + (k,)] = v
+    return flat
+
+
+def _unflatten(flat: Mapping[tuple[str, ...], Any]) -> dict[str, Any]:
+    tree: dict[str, Any] = {}
+    for path, v in flat.items():
+        node = tree
+        for p in path[:-1]:
+            node = node.setdefault(p, {})
+        node[path[-1]] = v
+    return tree
+
+
+def to_flax_layout(leaf: str, value: np.ndarray) -> np.ndarray:
+    """Torch layout -> Flax layout for a parameter whose Flax leaf name is ``leaf``."""
+    if leaf == "kernel":
+        if value.ndim == 2:  # Linear (out, in) -> Dense (in, out)
+            return value.T
+        if value.ndim == 3:  # Conv1d (out, in/groups, k) -> Conv (k, in/groups, out)
+            return value.transpose(2, 1, 0)
+    return value
+
+
+def from_flax_layout(leaf: str, value: np.ndarray) -> np.ndarray:
+    """Inverse of :func:`to_flax_layout`, for error messages and exporting."""
+    if leaf == "kernel":
+        if value.ndim == 2:
+            return value.T
+        if value.ndim == 3:
+            return value.transpose(2, 1, 0)
+    return value
+
+
+_WEIGHT_LEAVES = ("kernel", "scale", "embedding", "weight")
+
+
+def convert_state_dict(
+    state: Mapping[str, np.ndarray],
+    target: Mapping[str, Any],
+    *,
+    ignore: tuple[str, ...] = _UNUSED_KEYS,
+    source: str = "checkpoint",
+    dtype: Any = None,
+) -> dict[str, Any]:
+    """Map a transformers-layout state dict onto the parameter tree ``target``.
+
+    ``target`` is a tree of arrays or ``jax.ShapeDtypeStruct`` (e.g. from ``jax.eval_shape`` of the
+    module's ``init``) giving every expected path and shape. Returns a tree of numpy arrays with the
+    same structure. Raises :class:`CheckpointMismatchError` listing every unexpected key, unfilled
+    parameter and shape mismatch at once.
+    """
+    expected = _flatten(target)
+    # Parent module path -> names of its leaves, to choose what "weight" maps to.
+    leaves_of: dict[tuple[str, ...], set[str]] = {}
+    for path in expected:
+        leaves_of.setdefault(path[:-1], set()).add(path[-1])
+
+    out: dict[tuple[str, ...], np.ndarray] = {}
+    unexpected, mismatched = [], []
+    for key, value in state.items():
+        if key in ignore:
+            continue
+        value = np.asarray(value)
+        path = torch_key_to_path(key)
+        parent, leaf = path[:-1], path[-1]
+        names = leaves_of.get(parent, set())
+        if leaf == "weight":
+            leaf = next((n for n in _WEIGHT_LEAVES if n in names), "weight")
+        full = parent + (leaf,)
+        if full not in expected:
+            unexpected.append((key, value.shape))
+            continue
+        converted = to_flax_layout(leaf, value)
+        want = tuple(expected[full].shape)
+        if converted.shape != want:
+            mismatched.append((key, want, from_flax_layout(leaf, np.empty(want)).shape, value.shape))
+            continue
+        if dtype is not None and np.issubdtype(converted.dtype, np.floating):
+            converted = converted.astype(dtype)
+        out[full] = np.ascontiguousarray(converted)
+
+    missing = [(path_to_torch_key(p), expected[p].shape) for p in expected if p not in out]
+    if unexpected or missing or mismatched:
+        raise CheckpointMismatchError(unexpected, missing, mismatched, source=source)
+    return _unflatten(out)
+
+
+def path_to_torch_key(path: tuple[str, ...]) -> str:
+    """Inverse of :func:`torch_key_to_path`, with Flax leaf names turned back into ``weight``."""
+    parts = []
+    for p in path[:-1]:
+        head, _, tail = p.rpartition("_")
+        parts += [head, tail] if head and tail.isdigit() else [p]
+    leaf = path[-1]
+    parts.append("weight" if leaf in _WEIGHT_LEAVES else leaf)
+    return ".".join(parts)
+
+
+def _config_for(path: str):
+    from .config import Xcodec2Config
+
+    directory = path if os.path.isdir(path) else os.path.dirname(os.path.abspath(path))
+    if not os.path.isfile(os.path.join(directory, "config.json")):
+        raise FileNotFoundError(
+            f"no config.json beside {path!r}: pass config=Xcodec2Config(...) to load_params"
+        )
+    return Xcodec2Config.from_pretrained(directory)
+
+
+def load_params(path: str | os.PathLike, config=None, *, dtype: Any = None) -> dict[str, Any]:
+    """Load an X-Codec2 checkpoint into the Flax parameter tree of :class:`Xcodec2Model`.
+
+    ``path`` is a checkpoint directory (``config.json`` with ``model.safetensors`` or a sharded
+    ``model.safetensors.index.json``), a ``.safetensors`` file, or an index file. ``config``
+    defaults to the ``config.json`` found there. Returns a nested dict of numpy arrays (host
+    memory; ``jax.device_put`` or shard them as you like), cast to ``dtype`` if given.
+
+    Strict: raises :class:`CheckpointMismatchError` listing every unexpected key, every parameter
+    left unfilled and every shape mismatch.
+    """
+    from .model import abstract_params
+
+    path = os.fspath(path)
+    if config is None:
+        config = _config_for(path)
+    state = read_state_dict(path)
+    return convert_state_dict(state, abstract_params(config), source=f"checkpoint {path!r}", dtype=dtype)
