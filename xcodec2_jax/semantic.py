@@ -1,0 +1,247 @@
+"""The semantic branch of X-Codec2: the Wav2Vec2-BERT conformer and the semantic adapter.
+
+Mirrors transformers' ``Wav2Vec2BertModel`` (eval mode: no SpecAugment, no dropout, no LayerDrop)
+with ``position_embeddings_type="relative_key"`` and no adapter, and ``Xcodec2SemanticAdapter``.
+Modules are named after the torch attributes so ``weights.convert_state_dict`` maps the checkpoint
+by identity. Everything is channels-last (B, F, C); parameters are fp32, matmuls and convolutions
+run in ``dtype``, LayerNorm and softmax in fp32.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from .config import SemanticConfig
+
+__all__ = ["SemanticAdapter", "SemanticEncoder", "relative_distance_index"]
+
+_ACTIVATIONS = {
+    "swish": jax.nn.silu,
+    "silu": jax.nn.silu,
+    # transformers' "gelu" is the exact (erf) form.
+    "gelu": lambda x: jax.nn.gelu(x, approximate=False),
+    "gelu_new": lambda x: jax.nn.gelu(x, approximate=True),
+    "relu": jax.nn.relu,
+}
+
+_SUPPORTED_POSITIONS = ("relative_key", None)
+
+
+def _activation(name: str):
+    try:
+        return _ACTIVATIONS[name]
+    except KeyError:
+        raise NotImplementedError(
+            f"hidden_act {name!r} is not supported (supported: {sorted(_ACTIVATIONS)})"
+        ) from None
+
+
+def _check_config(config: SemanticConfig) -> None:
+    if config.position_embeddings_type not in _SUPPORTED_POSITIONS:
+        raise NotImplementedError(
+            f"position_embeddings_type {config.position_embeddings_type!r} is not implemented "
+            f"(supported: 'relative_key', None)"
+        )
+    if config.conv_depthwise_kernel_size % 2 == 0:
+        # Same check as the reference's convolution module.
+        raise ValueError(f"conv_depthwise_kernel_size must be odd, got {config.conv_depthwise_kernel_size}")
+    if config.use_intermediate_ffn_before_adapter:
+        # Wav2Vec2BertConfig itself rejects it without an adapter, and X-Codec2 has no adapter.
+        raise ValueError(
+            "use_intermediate_ffn_before_adapter=True needs an adapter, which X-Codec2 does not use"
+        )
+    _activation(config.hidden_act)
+
+
+def relative_distance_index(length: int, left: int, right: int) -> np.ndarray:
+    """(length, length) rows into ``distance_embedding``: key - query clamped to [-left, right], + left."""
+    pos = np.arange(length)
+    return (np.clip(pos[None, :] - pos[:, None], -left, right) + left).astype(np.int32)
+
+
+def _layer_norm(features_eps: float, name: str) -> nn.LayerNorm:
+    # Normalisation statistics and affine in fp32 whatever the compute dtype.
+    return nn.LayerNorm(epsilon=features_eps, dtype=jnp.float32, param_dtype=jnp.float32, name=name)
+
+
+class _FeedForward(nn.Module):
+    config: SemanticConfig
+    act: str
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        c = self.config
+        x = nn.Dense(c.intermediate_size, dtype=self.dtype, name="intermediate_dense")(x)
+        x = _activation(self.act)(x)
+        return nn.Dense(c.hidden_size, dtype=self.dtype, name="output_dense")(x)
+
+
+class _SelfAttention(nn.Module):
+    config: SemanticConfig
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, key_mask, distance_index):
+        c = self.config
+        b, f, _ = x.shape
+        heads, head_dim = c.num_attention_heads, c.head_dim
+
+        def proj(name):
+            y = nn.Dense(c.hidden_size, dtype=self.dtype, name=name)(x)
+            return y.reshape(b, f, heads, head_dim)
+
+        q, k, v = proj("linear_q"), proj("linear_k"), proj("linear_v")
+        # The reference scales q·k and q·E separately by head_dim**-0.5 and sums them; scaling q once
+        # gives the same logits up to rounding, and bit for bit when head_dim is a power of 4 (64 here).
+        q = q * jnp.asarray(head_dim**-0.5, q.dtype)
+        scores = jnp.einsum("bqhd,bkhd->bhqk", q, k)
+        if c.position_embeddings_type == "relative_key":
+            table = nn.Embed(
+                c.left_max_position_embeddings + c.right_max_position_embeddings + 1,
+                head_dim,
+                name="distance_embedding",
+            ).embedding.astype(self.dtype)
+            # The reference gathers a (F, F, head_dim) embedding and contracts it with q. Contracting
+            # q with the small table first and gathering the (F, F) scores gives the same dot products
+            # for far less work and memory.
+            rel = jnp.einsum("bqhd,pd->bhqp", q, table)
+            rel = jnp.take_along_axis(rel, jnp.asarray(distance_index)[None, None], axis=-1)
+            scores = scores + rel
+        scores = scores.astype(jnp.float32)
+        if key_mask is not None:
+            # The reference's bidirectional mask hides padded keys from every query, padded queries
+            # included (they still attend to the valid frames); masked logits get the dtype minimum.
+            scores = jnp.where(key_mask[:, None, None, :], scores, jnp.finfo(jnp.float32).min)
+        probs = jax.nn.softmax(scores, axis=-1).astype(self.dtype)
+        out = jnp.einsum("bhqk,bkhd->bqhd", probs, v).reshape(b, f, c.hidden_size)
+        return nn.Dense(c.hidden_size, dtype=self.dtype, name="linear_out")(out)
+
+
+class _ConvolutionModule(nn.Module):
+    config: SemanticConfig
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, frame_mask):
+        c = self.config
+        h = c.hidden_size
+        x = _layer_norm(c.layer_norm_eps, "layer_norm")(x).astype(self.dtype)
+        if frame_mask is not None:
+            x = jnp.where(frame_mask[..., None], x, jnp.zeros((), x.dtype))
+        x = nn.Conv(2 * h, (1,), padding="VALID", use_bias=False, dtype=self.dtype, name="pointwise_conv1")(x)
+        x = x[..., :h] * jax.nn.sigmoid(x[..., h:])  # GLU over channels
+        kernel = c.conv_depthwise_kernel_size
+        # Causal: the reference pads the whole kernel span on the left.
+        x = nn.Conv(
+            h,
+            (kernel,),
+            padding=[(kernel - 1, 0)],
+            feature_group_count=h,
+            use_bias=False,
+            dtype=self.dtype,
+            name="depthwise_conv",
+        )(x)
+        x = _layer_norm(c.layer_norm_eps, "depthwise_layer_norm")(x).astype(self.dtype)
+        x = _activation(c.hidden_act)(x)
+        return nn.Conv(h, (1,), padding="VALID", use_bias=False, dtype=self.dtype, name="pointwise_conv2")(x)
+
+
+class _EncoderLayer(nn.Module):
+    config: SemanticConfig
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, frame_mask, distance_index):
+        c = self.config
+        eps = c.layer_norm_eps
+        ffn1 = _FeedForward(c, c.hidden_act, self.dtype, name="ffn1")
+        x = ffn1(_layer_norm(eps, "ffn1_layer_norm")(x).astype(self.dtype)) * 0.5 + x
+        attn = _SelfAttention(c, self.dtype, name="self_attn")
+        x = (
+            attn(_layer_norm(eps, "self_attn_layer_norm")(x).astype(self.dtype), frame_mask, distance_index)
+            + x
+        )
+        x = _ConvolutionModule(c, self.dtype, name="conv_module")(x, frame_mask) + x
+        ffn2 = _FeedForward(c, c.hidden_act, self.dtype, name="ffn2")
+        x = ffn2(_layer_norm(eps, "ffn2_layer_norm")(x).astype(self.dtype)) * 0.5 + x
+        return _layer_norm(eps, "final_layer_norm")(x).astype(self.dtype)
+
+
+class _FeatureProjection(nn.Module):
+    config: SemanticConfig
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        x = _layer_norm(self.config.layer_norm_eps, "layer_norm")(x).astype(self.dtype)
+        return nn.Dense(self.config.hidden_size, dtype=self.dtype, name="projection")(x)
+
+
+class _Encoder(nn.Module):
+    config: SemanticConfig
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, frame_mask):
+        c = self.config
+        if frame_mask is not None:
+            # The reference zeroes padded frames once, before the first layer.
+            x = jnp.where(frame_mask[..., None], x, jnp.zeros((), x.dtype))
+        distance_index = None
+        if c.position_embeddings_type == "relative_key":
+            # Static (F, F) index built once per call and shared by all layers (each layer owns its table).
+            distance_index = relative_distance_index(
+                x.shape[1], c.left_max_position_embeddings, c.right_max_position_embeddings
+            )
+        for i in range(c.num_hidden_layers):
+            x = _EncoderLayer(c, self.dtype, name=f"layers_{i}")(x, frame_mask, distance_index)
+        return x
+
+
+class SemanticEncoder(nn.Module):
+    """Wav2Vec2-BERT conformer: ``(input_features (B, F, 160), attention_mask (B, F)) -> (B, F, H)``.
+
+    ``attention_mask`` is 1/True on valid frames, 0/False on padding (trailing padding, as produced by
+    the feature extractor); ``None`` means no padding. Returns ``last_hidden_state``.
+    """
+
+    config: SemanticConfig
+    dtype: Any = jnp.float32
+
+    def __post_init__(self):
+        _check_config(self.config)
+        super().__post_init__()
+
+    @nn.compact
+    def __call__(self, input_features, attention_mask=None):
+        c = self.config
+        frame_mask = None if attention_mask is None else jnp.asarray(attention_mask).astype(bool)
+        x = _FeatureProjection(c, self.dtype, name="feature_projection")(input_features)
+        return _Encoder(c, self.dtype, name="encoder")(x, frame_mask)
+
+
+class SemanticAdapter(nn.Module):
+    """``Xcodec2SemanticAdapter`` channels-last: four k=3 "same" convs, ``(B, F, H) -> (B, F, H)``."""
+
+    config: SemanticConfig
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        h = self.config.hidden_size
+
+        def conv(name, bias):
+            return nn.Conv(h, (3,), padding=[(1, 1)], use_bias=bias, dtype=self.dtype, name=name)
+
+        x = jax.nn.relu(conv("conv1", False)(x))
+        # The reference takes the residual after the first ReLU, not at the adapter's input.
+        residual = x
+        x = jax.nn.relu(conv("conv2", True)(x))
+        x = conv("conv3", True)(x) + residual
+        return conv("conv4", False)(x)
