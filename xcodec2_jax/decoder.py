@@ -1,6 +1,11 @@
 """The Vocos-style decoder: fc, embed conv, ResNet blocks, a transformer, LayerNorm and an ISTFT head.
 
 Channels-last (B, N, C) throughout; module names follow transformers' ``Xcodec2Decoder``.
+
+Every stage takes an optional frame ``mask`` (B, N). Without it the decoder is the reference's. With it,
+each item of a padded batch is decoded exactly as it would be alone: padded frames are zeroed before
+each convolution (as the convolution's own zero padding would be), left out of GroupNorm statistics
+and attention keys, and left out of the ISTFT overlap-add and its window envelope.
 """
 
 from __future__ import annotations
@@ -11,7 +16,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from .config import Xcodec2Config
-from .nn.layers import RMSNorm, conv1d
+from .nn.layers import GroupNorm, RMSNorm, conv1d
+
+
+def _zero_padded(x: jnp.ndarray, mask: jnp.ndarray | None) -> jnp.ndarray:
+    return x if mask is None else jnp.where(mask[..., None], x, jnp.zeros((), x.dtype))
 
 
 class ResNetBlock(nn.Module):
@@ -21,12 +30,14 @@ class ResNetBlock(nn.Module):
     dtype: jnp.dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
+    def __call__(self, x: jnp.ndarray, mask: jnp.ndarray | None = None) -> jnp.ndarray:
         h = self.config.hidden_size
-        y = nn.GroupNorm(num_groups=32, epsilon=1e-6, dtype=jnp.float32, name="norm1")(x)
-        y = conv1d(h, 3, padding=1, dtype=self.dtype, name="conv1")(nn.silu(y).astype(self.dtype))
-        y = nn.GroupNorm(num_groups=32, epsilon=1e-6, dtype=jnp.float32, name="norm2")(y)
-        y = conv1d(h, 3, padding=1, dtype=self.dtype, name="conv2")(nn.silu(y).astype(self.dtype))
+        y = GroupNorm(32, 1e-6, name="norm1")(x, mask)
+        y = _zero_padded(nn.silu(y).astype(self.dtype), mask)
+        y = conv1d(h, 3, padding=1, dtype=self.dtype, name="conv1")(y)
+        y = GroupNorm(32, 1e-6, name="norm2")(y, mask)
+        y = _zero_padded(nn.silu(y).astype(self.dtype), mask)
+        y = conv1d(h, 3, padding=1, dtype=self.dtype, name="conv2")(y)
         return y + x
 
 
@@ -42,7 +53,7 @@ class Attention(nn.Module):
     dtype: jnp.dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
+    def __call__(self, x: jnp.ndarray, mask: jnp.ndarray | None = None) -> jnp.ndarray:
         cfg = self.config
         heads, kv_heads, head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
         groups = heads // kv_heads
@@ -56,7 +67,10 @@ class Attention(nn.Module):
         k = proj(kv_heads * head_dim, "k_proj")(x).reshape(b, n, kv_heads, head_dim)
         v = proj(kv_heads * head_dim, "v_proj")(x).reshape(b, n, kv_heads, head_dim)
         scores = jnp.einsum("bqkgd,bskd->bkgqs", q, k) * (head_dim**-0.5)
-        weights = jax.nn.softmax(scores.astype(jnp.float32), axis=-1).astype(self.dtype)
+        scores = scores.astype(jnp.float32)
+        if mask is not None:
+            scores = jnp.where(mask[:, None, None, None, :], scores, jnp.finfo(jnp.float32).min)
+        weights = jax.nn.softmax(scores, axis=-1).astype(self.dtype)
         out = jnp.einsum("bkgqs,bskd->bqkgd", weights, v).reshape(b, n, heads * head_dim)
         return proj(cfg.hidden_size, "o_proj")(out)
 
@@ -79,10 +93,10 @@ class DecoderLayer(nn.Module):
     dtype: jnp.dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
+    def __call__(self, x: jnp.ndarray, mask: jnp.ndarray | None = None) -> jnp.ndarray:
         eps = self.config.rms_norm_eps
         h = RMSNorm(eps, dtype=self.dtype, name="input_layernorm")(x)
-        x = x + Attention(self.config, self.dtype, name="self_attn")(h)
+        x = x + Attention(self.config, self.dtype, name="self_attn")(h, mask)
         h = RMSNorm(eps, dtype=self.dtype, name="post_attention_layernorm")(x)
         return x + MLP(self.config, self.dtype, name="mlp")(h)
 
@@ -102,13 +116,12 @@ def _overlap_add(frames: jnp.ndarray, hop: int) -> jnp.ndarray:
     return out.reshape(b, (n + k - 1) * hop)
 
 
-def _window_envelope(window: np.ndarray, hop: int, num_frames: int) -> np.ndarray:
-    """Overlap-added squared window, computed in numpy at trace time (its shape is static)."""
-    k = window.shape[0] // hop
-    squared = np.square(window).reshape(k, hop)
+def _window_envelope(squared_window: np.ndarray, hop: int, num_frames: int) -> np.ndarray:
+    """Overlap-added squared window in numpy: a constant folded into the graph (shapes are static)."""
+    k = squared_window.shape[0] // hop
     envelope = np.zeros((num_frames + k - 1, hop), np.float32)
-    for j in range(k):
-        envelope[j : j + num_frames] += squared[j]
+    for j, chunk in enumerate(squared_window.reshape(k, hop)):
+        envelope[j : j + num_frames] += chunk
     return envelope.reshape(-1)
 
 
@@ -118,7 +131,7 @@ class ISTFTHead(nn.Module):
     config: Xcodec2Config
 
     @nn.compact
-    def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
+    def __call__(self, x: jnp.ndarray, mask: jnp.ndarray | None = None) -> jnp.ndarray:
         n_fft, hop = self.config.n_fft, self.config.hop_length
         if n_fft % hop:
             raise ValueError(f"n_fft ({n_fft}) must be a multiple of hop_length ({hop})")
@@ -130,12 +143,21 @@ class ISTFTHead(nn.Module):
         # torch.hann_window's default is periodic.
         window = np.hanning(n_fft + 1)[:-1].astype(np.float32)
         frames = jnp.fft.irfft(spec, n=n_fft, axis=-1) * window
+        if mask is None:
+            envelope = _window_envelope(np.square(window), hop, x.shape[1])[None]
+        else:
+            valid = mask[..., None].astype(jnp.float32)
+            frames = frames * valid
+            envelope = _overlap_add(valid * np.square(window), hop)
         audio = _overlap_add(frames, hop)
-        envelope = _window_envelope(window, hop, x.shape[1])
         pad = (n_fft - hop) // 2
         # The original clamps the window envelope at 1e-11 before dividing.
-        envelope = np.maximum(envelope[pad:-pad], np.float32(1e-11))
-        return audio[:, pad:-pad] / envelope
+        envelope = jnp.maximum(envelope[:, pad:-pad], 1e-11)
+        audio = audio[:, pad:-pad] / envelope
+        if mask is not None:
+            # An item alone ends at valid frames · hop; the overlap-add tail past it is not audio.
+            audio = audio * jnp.repeat(mask, hop, axis=1)
+        return audio
 
 
 class Decoder(nn.Module):
@@ -145,15 +167,18 @@ class Decoder(nn.Module):
     dtype: jnp.dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, latents: jnp.ndarray) -> jnp.ndarray:
+    def __call__(self, latents: jnp.ndarray, mask: jnp.ndarray | None = None) -> jnp.ndarray:
+        """``mask`` (B, N), true on valid frames: decode each item as if alone (see module doc)."""
         cfg, dtype = self.config, self.dtype
+        if mask is not None:
+            mask = jnp.asarray(mask).astype(bool)
         x = nn.Dense(cfg.hidden_size, dtype=dtype, name="fc")(latents.astype(dtype))
-        x = conv1d(cfg.hidden_size, 7, padding=3, dtype=dtype, name="embed")(x)
+        x = conv1d(cfg.hidden_size, 7, padding=3, dtype=dtype, name="embed")(_zero_padded(x, mask))
         for i in range(2):
-            x = ResNetBlock(cfg, dtype, name=f"prior_net_{i}")(x)
+            x = ResNetBlock(cfg, dtype, name=f"prior_net_{i}")(x, mask)
         for i in range(cfg.num_hidden_layers):
-            x = DecoderLayer(cfg, dtype, name=f"layers_{i}")(x)
+            x = DecoderLayer(cfg, dtype, name=f"layers_{i}")(x, mask)
         for i in range(2):
-            x = ResNetBlock(cfg, dtype, name=f"post_net_{i}")(x)
+            x = ResNetBlock(cfg, dtype, name=f"post_net_{i}")(x, mask)
         x = nn.LayerNorm(epsilon=1e-6, dtype=jnp.float32, name="norm")(x)
-        return ISTFTHead(cfg, name="head")(x)
+        return ISTFTHead(cfg, name="head")(x, mask)

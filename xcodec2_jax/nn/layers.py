@@ -46,3 +46,31 @@ class RMSNorm(nn.Module):
         x32 = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + self.epsilon)
         return (scale * x32.astype(x.dtype)).astype(self.dtype)
 
+
+
+class GroupNorm(nn.Module):
+    """torch ``GroupNorm`` on (B, T, C), in float32, with optional per-frame validity.
+
+    With ``mask`` (B, T), the statistics cover only the valid frames, so a padded item is normalised
+    exactly as it would be alone. Variance is two-pass (biased, as torch) for accuracy.
+    """
+
+    num_groups: int = 32
+    epsilon: float = 1e-6
+
+    @nn.compact
+    def __call__(self, x: jnp.ndarray, mask: jnp.ndarray | None = None) -> jnp.ndarray:
+        b, t, c = x.shape
+        scale = self.param("scale", nn.initializers.ones, (c,), jnp.float32)
+        bias = self.param("bias", nn.initializers.zeros, (c,), jnp.float32)
+        g = x.astype(jnp.float32).reshape(b, t, self.num_groups, c // self.num_groups)
+        if mask is None:
+            mean = jnp.mean(g, axis=(1, 3), keepdims=True)
+            var = jnp.mean(jnp.square(g - mean), axis=(1, 3), keepdims=True)
+        else:
+            m = mask.astype(jnp.float32)[:, :, None, None]
+            count = jnp.maximum(jnp.sum(m, axis=1, keepdims=True), 1.0) * (c // self.num_groups)
+            mean = jnp.sum(g * m, axis=(1, 3), keepdims=True) / count
+            var = jnp.sum(jnp.square(g - mean) * m, axis=(1, 3), keepdims=True) / count
+        y = ((g - mean) * jax.lax.rsqrt(var + self.epsilon)).reshape(b, t, c)
+        return y * scale + bias
