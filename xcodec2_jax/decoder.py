@@ -180,5 +180,5 @@ class Decoder(nn.Module):
             x = DecoderLayer(cfg, dtype, name=f"layers_{i}")(x, mask)
         for i in range(2):
             x = ResNetBlock(cfg, dtype, name=f"post_net_{i}")(x, mask)
-        x = nn.LayerNorm(epsilon=1e-6, dtype=jnp.float32, name="norm")(x)
+        x = nn.LayerNorm(epsilon=1e-6, dtype=jnp.float32, use_fast_variance=False, name="norm")(x)
         return ISTFTHead(cfg, name="head")(x, mask)

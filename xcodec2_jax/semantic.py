@@ -65,8 +65,12 @@ def relative_distance_index(length: int, left: int, right: int) -> np.ndarray:
 
 
 def _layer_norm(features_eps: float, name: str) -> nn.LayerNorm:
-    # Normalisation statistics and affine in fp32 whatever the compute dtype.
-    return nn.LayerNorm(epsilon=features_eps, dtype=jnp.float32, param_dtype=jnp.float32, name=name)
+    # Normalisation statistics and affine in fp32 whatever the compute dtype. Two-pass variance: the
+    # one-pass E[x²] - E[x]² cancels catastrophically on the near-constant feature vectors of silent
+    # frames (mean ~3, spread ~0.03), which cost 4e-4 of peak against the reference.
+    return nn.LayerNorm(
+        epsilon=features_eps, dtype=jnp.float32, param_dtype=jnp.float32, use_fast_variance=False, name=name
+    )
 
 
 class _FeedForward(nn.Module):
@@ -233,15 +237,19 @@ class SemanticAdapter(nn.Module):
     dtype: Any = jnp.float32
 
     @nn.compact
-    def __call__(self, x):
+    def __call__(self, x, frame_mask=None):
+        """``frame_mask`` (B, F), optional: zero padded frames before each conv, so every item of a
+        padded batch gets what it would alone (the conv's own zero padding past its end)."""
         h = self.config.hidden_size
 
-        def conv(name, bias):
-            return nn.Conv(h, (3,), padding=[(1, 1)], use_bias=bias, dtype=self.dtype, name=name)
+        def conv(name, bias, v):
+            if frame_mask is not None:
+                v = jnp.where(jnp.asarray(frame_mask).astype(bool)[..., None], v, jnp.zeros((), v.dtype))
+            return nn.Conv(h, (3,), padding=[(1, 1)], use_bias=bias, dtype=self.dtype, name=name)(v)
 
-        x = jax.nn.relu(conv("conv1", False)(x))
+        x = jax.nn.relu(conv("conv1", False, x))
         # The reference takes the residual after the first ReLU, not at the adapter's input.
         residual = x
-        x = jax.nn.relu(conv("conv2", True)(x))
-        x = conv("conv3", True)(x) + residual
-        return conv("conv4", False)(x)
+        x = jax.nn.relu(conv("conv2", True, x))
+        x = conv("conv3", True, x) + residual
+        return conv("conv4", False, x)

@@ -1,0 +1,156 @@
+"""Shared fixtures: reference PyTorch models with random weights, saved and reloaded for real.
+
+The hub is out of reach, so reference checkpoints are transformers' ``Xcodec2Model`` with random
+weights written by ``save_pretrained``; our ``load_params`` reads them back. The default init gives
+near-constant FSQ codes (which would make code comparisons vacuous), so weights are rescaled to
+spread them: ``project_in`` ×50, SnakeBeta alpha/beta from U(-0.5, 0.5), and every norm's affine
+parameters perturbed so a wrong norm path cannot hide behind ones and zeros.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+
+import jax
+import numpy as np
+import pytest
+
+jax.config.update("jax_default_matmul_precision", "highest")
+
+DATA_DIR = os.path.join(os.path.dirname(__file__), "data")
+
+# A small config with odd sizes: 3 decoder layers, levels (5, 5, 5, 4) (odd half widths), a 5-layer
+# conformer with a short relative-position window, hop 320 so the semantic and acoustic frame rates
+# agree as the model requires.
+SMALL_CONFIG = dict(
+    hidden_size=64,
+    intermediate_size=96,
+    num_hidden_layers=3,
+    num_attention_heads=4,
+    num_key_value_heads=4,
+    head_dim=16,
+    encoder_hidden_size=16,
+    downsampling_ratios=[4, 8, 10],
+    quantization_dim=64 + 48,
+    quantization_levels=[5, 5, 5, 4],
+    semantic_model_config=dict(
+        model_type="wav2vec2-bert",
+        hidden_size=48,
+        num_hidden_layers=5,
+        num_attention_heads=4,
+        intermediate_size=80,
+        left_max_position_embeddings=6,
+        right_max_position_embeddings=3,
+        conv_depthwise_kernel_size=7,
+    ),
+)
+
+
+def spread_weights_(model, seed: int = 0) -> None:
+    """Rescale a random transformers Xcodec2Model in place so its codes spread (see module doc).
+
+    Calibrated on test speech: the acoustic and semantic branches are scaled to unit spread (the
+    default init leaves the acoustic branch ~1e-4, too small to move any code), and ``project_in``
+    is standardised per FSQ dimension so every level is used.
+    """
+    import torch
+
+    from xcodec2_jax.features import Xcodec2FeatureExtractor
+
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith((".alpha", ".beta")):
+                p.copy_(torch.rand(p.shape, generator=gen) - 0.5)
+            elif "norm" in name.split(".")[-2] and name.endswith(".weight"):
+                p.add_(0.1 * torch.randn(p.shape, generator=gen))
+            elif "norm" in name.split(".")[-2] and name.endswith(".bias"):
+                p.add_(0.05 * torch.randn(p.shape, generator=gen))
+
+        audio = load_speech()[0][:48000]
+        feats = {k: torch.from_numpy(v) for k, v in Xcodec2FeatureExtractor()(audio, sampling_rate=16000).items()}
+        acoustic = model.acoustic_encoder(feats["input_values"])
+        model.acoustic_encoder.conv2.weight.div_(acoustic.std())
+        model.acoustic_encoder.conv2.bias.div_(acoustic.std())
+        semantic = model.semantic_encoder(feats["input_features"]).last_hidden_state.transpose(1, 2)
+        model.semantic_adapter.conv4.weight.div_(model.semantic_adapter(semantic).std())
+        fused = torch.cat([model.semantic_adapter(semantic), model.acoustic_encoder(feats["input_values"])], 1)
+        z = model.quantizer.project_in(model.fc_encoder(fused.transpose(1, 2)))
+        mean, std = z.mean(dim=(0, 1)), z.std(dim=(0, 1))
+        proj = model.quantizer.project_in
+        proj.weight.div_(std[:, None])
+        proj.bias.sub_(mean).div_(std)
+
+
+def build_reference(config_kwargs: dict | None = None, seed: int = 0):
+    import torch
+    from transformers import Xcodec2Config as TorchConfig
+    from transformers import Xcodec2Model as TorchModel
+
+    torch.manual_seed(seed)
+    model = TorchModel(TorchConfig(**(config_kwargs or {}))).eval()
+    spread_weights_(model, seed)
+    return model
+
+
+class Reference:
+    """A reference torch model and the directory its ``save_pretrained`` checkpoint lives in."""
+
+    def __init__(self, model, path: str):
+        self.model = model
+        self.path = path
+        self._params = None
+
+    @property
+    def config(self):
+        from xcodec2_jax.config import Xcodec2Config
+
+        return Xcodec2Config.from_pretrained(self.path)
+
+    @property
+    def params(self):
+        if self._params is None:
+            from xcodec2_jax.weights import load_params
+
+            self._params = load_params(self.path)
+        return self._params
+
+
+def _make_reference(tmp_path_factory, name: str, config_kwargs) -> Reference:
+    model = build_reference(config_kwargs)
+    path = str(tmp_path_factory.mktemp(name))
+    model.save_pretrained(path)
+    return Reference(model, path)
+
+
+@pytest.fixture(scope="session")
+def small_ref(tmp_path_factory) -> Reference:
+    return _make_reference(tmp_path_factory, "small", SMALL_CONFIG)
+
+
+@pytest.fixture(scope="session")
+def full_ref(tmp_path_factory) -> Reference:
+    return _make_reference(tmp_path_factory, "full", None)
+
+
+def speech_files() -> list[str]:
+    return sorted(glob.glob(os.path.join(DATA_DIR, "*.wav")))
+
+
+def load_speech() -> list[np.ndarray]:
+    import soundfile as sf
+
+    out = []
+    for f in speech_files():
+        audio, sr = sf.read(f, dtype="float32")
+        assert sr == 16000, f
+        out.append(audio)
+    return out
+
+
+def rel_err(ours, ref) -> tuple[float, float]:
+    """(max abs error, max abs error / peak of the reference)."""
+    ours, ref = np.asarray(ours, np.float64), np.asarray(ref, np.float64)
+    err = float(np.abs(ours - ref).max())
+    return err, err / float(np.abs(ref).max())
