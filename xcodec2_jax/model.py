@@ -114,10 +114,11 @@ class Xcodec2Model(nn.Module):
             frames = jnp.sum(jnp.asarray(input_features_mask).astype(jnp.int32), axis=-1)
         semantic = self.semantic_encoder(input_features.astype(self.dtype), input_features_mask)
         semantic = self.semantic_adapter(semantic, None if frames is None else input_features_mask)
-        acoustic = self.acoustic_encoder(
-            jnp.swapaxes(input_values, 1, 2).astype(self.dtype),
-            None if frames is None else frames * self.config.hop_length,
-        )
+        waveform = jnp.swapaxes(input_values, 1, 2).astype(self.dtype)
+        if frames is None:
+            acoustic = self.acoustic_encoder(waveform)
+        else:
+            acoustic = self.acoustic_encoder(waveform, lengths=frames * self.config.hop_length)
         if semantic.shape[1] != acoustic.shape[1]:
             raise ValueError(
                 f"input_features give {semantic.shape[1]} frames but input_values give {acoustic.shape[1]}; "
