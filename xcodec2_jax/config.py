@@ -182,7 +182,12 @@ class Xcodec2Config:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Xcodec2Config:
-        """Build from a transformers ``config.json`` dict; keys that do not shape the model are ignored."""
+        """Build from a ``config.json`` dict (transformers', or the original release's BigCodec one);
+        keys that do not shape the model are ignored."""
+        from .original import config_from_original, is_original_config
+
+        if is_original_config(data):
+            data = config_from_original(data)
         data = dict(data)
         rope = data.pop("rope_parameters", None) or {}
         if rope.get("rope_type", "default") != "default":

@@ -200,6 +200,7 @@ def convert_state_dict(
         leaves_of.setdefault(path[:-1], set()).add(path[-1])
 
     out: dict[tuple[str, ...], np.ndarray] = {}
+    seen: set[tuple[str, ...]] = set()  # paths with a checkpoint tensor of the wrong shape
     unexpected, mismatched = [], []
     for key, value in state.items():
         if key in ignore:
@@ -217,13 +218,15 @@ def convert_state_dict(
         converted = to_flax_layout(leaf, value)
         want = tuple(expected[full].shape)
         if converted.shape != want:
-            mismatched.append((key, want, from_flax_layout(leaf, np.empty(want)).shape, value.shape))
+            torch_shape = want[::-1] if leaf == "kernel" and len(want) in (2, 3) else want
+            mismatched.append((key, want, torch_shape, value.shape))
+            seen.add(full)
             continue
         if dtype is not None and np.issubdtype(converted.dtype, np.floating):
             converted = converted.astype(dtype)
         out[full] = np.ascontiguousarray(converted)
 
-    missing = [(path_to_torch_key(p), expected[p].shape) for p in expected if p not in out]
+    missing = [(path_to_torch_key(p), expected[p].shape) for p in expected if p not in out and p not in seen]
     if unexpected or missing or mismatched:
         raise CheckpointMismatchError(unexpected, missing, mismatched, source=source)
     return _unflatten(out)
@@ -240,32 +243,52 @@ def path_to_torch_key(path: tuple[str, ...]) -> str:
     return ".".join(parts)
 
 
-def _config_for(path: str):
+def _config_for(path: str, original_state: Mapping[str, np.ndarray] | None = None):
     from .config import Xcodec2Config
+    from .original import config_from_original, is_original_config
 
     directory = path if os.path.isdir(path) else os.path.dirname(os.path.abspath(path))
-    if not os.path.isfile(os.path.join(directory, "config.json")):
-        raise FileNotFoundError(
-            f"no config.json beside {path!r}: pass config=Xcodec2Config(...) to load_params"
-        )
-    return Xcodec2Config.from_pretrained(directory)
+    config_file = os.path.join(directory, "config.json")
+    data = None
+    if os.path.isfile(config_file):
+        with open(config_file, encoding="utf-8") as f:
+            data = json.load(f)
+    if original_state is not None or (data is not None and is_original_config(data)):
+        # The original release's config.json carries almost no shapes; its weights give the rest.
+        return Xcodec2Config.from_dict(config_from_original(data, original_state))
+    if data is None:
+        raise FileNotFoundError(f"no config.json beside {path!r}: pass config=Xcodec2Config(...) to load_params")
+    return Xcodec2Config.from_dict(data)
+
+
+def load_checkpoint(path: str | os.PathLike, config=None, *, dtype: Any = None):
+    """``(config, params)`` of a checkpoint; see :func:`load_params` for what ``path`` may be."""
+    from .model import abstract_params
+    from .original import is_original_format, original_to_transformers
+
+    path = os.fspath(path)
+    state = read_state_dict(path)
+    original = is_original_format(state)
+    if config is None:
+        config = _config_for(path, state if original else None)
+    if original:
+        state = original_to_transformers(state)
+    params = convert_state_dict(state, abstract_params(config), source=f"checkpoint {path!r}", dtype=dtype)
+    return config, params
 
 
 def load_params(path: str | os.PathLike, config=None, *, dtype: Any = None) -> dict[str, Any]:
     """Load an X-Codec2 checkpoint into the Flax parameter tree of :class:`Xcodec2Model`.
 
     ``path`` is a checkpoint directory (``config.json`` with ``model.safetensors`` or a sharded
-    ``model.safetensors.index.json``), a ``.safetensors`` file, or an index file. ``config``
-    defaults to the ``config.json`` found there. Returns a nested dict of numpy arrays (host
-    memory; ``jax.device_put`` or shard them as you like), cast to ``dtype`` if given.
+    ``model.safetensors.index.json``), a ``.safetensors`` file, or an index file, in either format:
+    transformers' (``HKUSTAudio/xcodec2-hf``) or the original release's (``HKUSTAudio/xcodec2``,
+    detected from its key names; weight norm folded, fused qkv split, w2v-BERT layers past 16
+    dropped). ``config`` defaults to the ``config.json`` found there (for the original format, to
+    shapes read off the weights). Returns a nested dict of numpy arrays (host memory;
+    ``jax.device_put`` or shard them as you like), cast to ``dtype`` if given.
 
-    Strict: raises :class:`CheckpointMismatchError` listing every unexpected key, every parameter
-    left unfilled and every shape mismatch.
+    Strict: raises :class:`CheckpointMismatchError` (or, for original checkpoints with keys it
+    cannot map, ``OriginalCheckpointError``) listing every offending key at once.
     """
-    from .model import abstract_params
-
-    path = os.fspath(path)
-    if config is None:
-        config = _config_for(path)
-    state = read_state_dict(path)
-    return convert_state_dict(state, abstract_params(config), source=f"checkpoint {path!r}", dtype=dtype)
+    return load_checkpoint(path, config, dtype=dtype)[1]
