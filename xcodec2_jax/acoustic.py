@@ -20,6 +20,21 @@ from .nn.activations import AntiAliasedSnakeBeta
 Array = jnp.ndarray
 
 
+def _conv_length(lengths: Array | None, kernel: int, stride: int, padding: int) -> Array | None:
+    """Per-item output length of a conv, as for each item run alone."""
+    if lengths is None:
+        return None
+    return (jnp.asarray(lengths, jnp.int32) + 2 * padding - kernel) // stride + 1
+
+
+def _zero_tail(x: Array, lengths: Array | None) -> Array:
+    """Zero each item past its length: the zero padding its convs would read if run alone."""
+    if lengths is None:
+        return x
+    rows = jnp.arange(x.shape[1], dtype=jnp.int32)[None, :, None]
+    return jnp.where(rows < jnp.asarray(lengths, jnp.int32)[:, None, None], x, jnp.zeros((), x.dtype))
+
+
 def _conv(features: int, kernel: int, *, stride: int = 1, dilation: int = 1, padding: int, dtype: Any):
     """A torch `nn.Conv1d` with symmetric zero padding, as a channels-last Flax conv."""
     return nn.Conv(
@@ -48,8 +63,9 @@ class ResidualUnit(nn.Module):
         self.snake2 = AntiAliasedSnakeBeta(self.features, dtype=self.dtype)
         self.conv2 = _conv(self.features, 1, padding=0, dtype=self.dtype)
 
-    def __call__(self, x: Array) -> Array:
-        y = self.conv2(self.snake2(self.conv1(self.snake1(x))))
+    def __call__(self, x: Array, lengths: Array | None = None) -> Array:
+        y = self.conv1(_zero_tail(self.snake1(x, lengths), lengths))
+        y = self.conv2(self.snake2(y, lengths))
         # The reference centre-crops the skip path when the branch comes out shorter; with its
         # "same" padding that never happens, but the rule is kept.
         crop = (x.shape[1] - y.shape[1]) // 2
@@ -79,9 +95,10 @@ class EncoderBlock(nn.Module):
             dtype=self.dtype,
         )
 
-    def __call__(self, x: Array) -> Array:
-        x = self.res_unit3(self.res_unit2(self.res_unit1(x)))
-        return self.conv1(self.snake1(x))
+    def __call__(self, x: Array, lengths: Array | None = None) -> Array:
+        for unit in (self.res_unit1, self.res_unit2, self.res_unit3):
+            x = unit(x, lengths)
+        return self.conv1(_zero_tail(self.snake1(x, lengths), lengths))
 
 
 class AcousticEncoder(nn.Module):
@@ -105,10 +122,17 @@ class AcousticEncoder(nn.Module):
         self.snake1 = AntiAliasedSnakeBeta(d_model, dtype=self.dtype)
         self.conv2 = _conv(cfg.hidden_size, 3, padding=1, dtype=self.dtype)
 
-    def __call__(self, x: Array) -> Array:
+    def __call__(self, x: Array, lengths: Array | None = None) -> Array:
+        """x (B, T, 1) → (B, frames, hidden_size).
+
+        `lengths` (B,) of valid samples, optional (an extension of the reference): item b's first
+        frames then equal those of x[b, :lengths[b]] encoded alone, because every conv and
+        resampler sees the zero or replicate padding it would see alone; the rest are unspecified.
+        """
         if x.ndim != 3 or x.shape[-1] != 1:
             raise ValueError(f"AcousticEncoder expects a waveform of shape (batch, time, 1), got {x.shape}")
-        x = self.conv1(x.astype(self.dtype))
+        x = self.conv1(_zero_tail(x.astype(self.dtype), lengths))
         for block in self.block:
-            x = block(x)
-        return self.conv2(self.snake1(x))
+            x = block(x, lengths)
+            lengths = _conv_length(lengths, 2 * block.stride, block.stride, math.ceil(block.stride / 2))
+        return self.conv2(_zero_tail(self.snake1(x, lengths), lengths))

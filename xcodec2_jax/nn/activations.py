@@ -226,17 +226,45 @@ def snake_beta(x: Array, alpha: Array, beta: Array) -> Array:
     return snake_beta_scaled(x, *snake_scales(alpha, beta))
 
 
-def anti_aliased(x: Array, act: Callable[[Array], Array], ratio: int = 2, kernel_size: int = 12) -> Array:
+def hold_last(x: Array, lengths: Array) -> Array:
+    """Rows at or past lengths[b] replaced by row lengths[b] - 1, per item (B, T, C).
+
+    That is what the reference's replicate pad reads past the end of an item run alone.
+    """
+    rows = lax.broadcasted_iota(jnp.int32, (1, x.shape[1], 1), 1)
+    end = jnp.asarray(lengths, jnp.int32)[:, None, None]
+    last = jnp.take_along_axis(x, jnp.clip(end - 1, 0, x.shape[1] - 1), axis=1)
+    return jnp.where(rows < end, x, last)
+
+
+def anti_aliased(
+    x: Array,
+    act: Callable[[Array], Array],
+    ratio: int = 2,
+    kernel_size: int = 12,
+    lengths: Array | None = None,
+) -> Array:
     """Reference `Xcodec2AntiAliasedActivation1d` with equal up/down ratios and kernels, fused.
 
     The activation runs on the `ratio` phases of the upsampled signal and the strided
     downsampler reads those phases directly, so the ratio·T signal is never interleaved. The
     phases come already extended by the downsampler's replicate pad, so the output is a single
     loop over unpadded slices.
+
+    `lengths` (B,), optional: item b's first lengths[b] outputs are then those of x[b, :lengths[b]]
+    run alone; both replicate pads are re-applied at that end. Later outputs are unspecified.
     """
     taps = _downsample_taps(ratio, kernel_size)
     lo, hi = _span(taps)
+    if lengths is not None:
+        x = hold_last(x, lengths)
     phases = _upsample_phases(x, ratio, kernel_size, act, extend=(-lo, hi))
+    if lengths is not None:
+        # The item's upsampled signal ends with the last phase's frame lengths - 1.
+        rows = lax.broadcasted_iota(jnp.int32, (1, phases[0].shape[1], 1), 1)
+        end = (jnp.asarray(lengths, jnp.int32) - lo)[:, None, None]
+        last = jnp.take_along_axis(phases[-1], end - 1, axis=1)
+        phases = [jnp.where(rows < end, p, last) for p in phases]
     return _slice_sum(list(zip(phases, taps, strict=True)), -lo, x.shape[1])
 
 
@@ -268,9 +296,13 @@ class AntiAliasedSnakeBeta(nn.Module):
     def setup(self):
         self.act = SnakeBeta(self.features, dtype=self.dtype)
 
-    def __call__(self, x: Array) -> Array:
+    def __call__(self, x: Array, lengths: Array | None = None) -> Array:
         # The activation is applied to several pieces; its per-channel scales are computed once.
         freq, inv_mag = self.act.scales()
         return anti_aliased(
-            x.astype(self.dtype), lambda u: snake_beta_scaled(u, freq, inv_mag), self.ratio, self.kernel_size
+            x.astype(self.dtype),
+            lambda u: snake_beta_scaled(u, freq, inv_mag),
+            self.ratio,
+            self.kernel_size,
+            lengths,
         )
