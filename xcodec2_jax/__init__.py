@@ -16,15 +16,20 @@ _EXPORTS = {
     "load_params": "weights",
     "CheckpointMismatchError": "weights",
     "Xcodec2FeatureExtractor": "features",
+    "fbank_features_jax": "features",
+    "Xcodec2Codec": "codec",
+    "EncodedAudio": "codec",
+    "load_checkpoint": "weights",
 }
 
 __all__ = sorted(_EXPORTS)
 
 if TYPE_CHECKING:
+    from .codec import EncodedAudio, Xcodec2Codec
     from .config import SemanticConfig, Xcodec2Config
-    from .features import Xcodec2FeatureExtractor
+    from .features import Xcodec2FeatureExtractor, fbank_features_jax
     from .model import Xcodec2Model
-    from .weights import CheckpointMismatchError, load_params
+    from .weights import CheckpointMismatchError, load_checkpoint, load_params
 
 
 def __getattr__(name: str):

@@ -1,0 +1,94 @@
+"""The xcodec2-jax command line: outputs, exit codes and one-line errors, with a random checkpoint."""
+
+from __future__ import annotations
+
+import math
+import os
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import soundfile as sf
+from conftest import speech_files
+
+from xcodec2_jax.cli import main
+
+
+@pytest.fixture()
+def wav_dir(tmp_path):
+    src = tmp_path / "in"
+    (src / "sub").mkdir(parents=True)
+    files = speech_files()[:3]
+    shutil.copy(files[0], src / "a.wav")
+    shutil.copy(files[1], src / "b.wav")
+    shutil.copy(files[2], src / "sub" / "c.wav")
+    return src
+
+
+def _lines(text: str) -> list[str]:
+    return [line for line in text.splitlines() if line.startswith("xcodec2-jax:")]
+
+
+def test_encode_folder_decode_and_roundtrip(small_ref, wav_dir, tmp_path, capsys):
+    codes_dir, audio_dir = tmp_path / "codes", tmp_path / "audio"
+    assert main(["encode", str(wav_dir), "-o", str(codes_dir), "--model", small_ref.path, "--batch-size", "2"]) == 0
+    outputs = sorted(p.relative_to(codes_dir).as_posix() for p in codes_dir.rglob("*.npy"))
+    assert outputs == ["a.npy", "b.npy", "sub/c.npy"]
+    for rel in ("a", "b", "sub/c"):
+        codes = np.load(codes_dir / f"{rel}.npy")
+        n = sf.info(str(wav_dir / f"{rel}.wav")).frames
+        assert codes.dtype == np.int32 and codes.shape == (math.ceil((n + 1) / 320),)
+
+    assert main(["decode", str(codes_dir), "-o", str(audio_dir), "--model", small_ref.path]) == 0
+    for rel in ("a", "b", "sub/c"):
+        audio, rate = sf.read(audio_dir / f"{rel}.wav")
+        assert rate == 16000 and len(audio) == 320 * len(np.load(codes_dir / f"{rel}.npy"))
+
+    out = tmp_path / "rt.wav"
+    assert main(["roundtrip", str(wav_dir / "a.wav"), str(out), "--model", small_ref.path]) == 0
+    audio, rate = sf.read(out)
+    assert rate == 16000 and len(audio) == sf.info(str(wav_dir / "a.wav")).frames
+
+    # Existing outputs are kept without --overwrite (exit 2, one line), replaced with it.
+    before = os.path.getmtime(out)
+    assert main(["roundtrip", str(wav_dir / "a.wav"), str(out), "--model", small_ref.path]) == 2
+    assert "exists" in _lines(capsys.readouterr().err)[0]
+    assert os.path.getmtime(out) == before
+    assert main(["roundtrip", str(wav_dir / "a.wav"), str(out), "--model", small_ref.path, "--overwrite"]) == 0
+
+
+def test_bad_inputs_exit_2_and_good_files_still_done(small_ref, wav_dir, tmp_path, capsys):
+    (wav_dir / "corrupt.wav").write_bytes(b"RIFF\x00\x00\x00\x00WAVEnot really")
+    sf.write(wav_dir / "nan.wav", np.full(1600, np.nan, np.float32), 16000, subtype="FLOAT")
+    sf.write(wav_dir / "empty.wav", np.zeros(0, np.float32), 16000)
+    out = tmp_path / "codes"
+    assert main(["encode", str(wav_dir), "-o", str(out), "--model", small_ref.path]) == 2
+    errors = _lines(capsys.readouterr().err)
+    assert len(errors) == 3
+    for name, problem in (("corrupt.wav", "cannot read"), ("nan.wav", "NaN"), ("empty.wav", "empty")):
+        assert any(name in line and problem in line for line in errors), (name, errors)
+    assert sorted(p.name for p in out.rglob("*.npy")) == ["a.npy", "b.npy", "c.npy"]
+
+    np.save(tmp_path / "big.npy", np.array([1, 2, 65536], np.int64))
+    np.save(tmp_path / "ok.npy", np.load(out / "a.npy"))
+    wavs = tmp_path / "wavs"
+    code = main(["decode", str(tmp_path / "big.npy"), str(tmp_path / "ok.npy"), "-o", str(wavs), "--model", small_ref.path])
+    assert code == 2
+    errors = _lines(capsys.readouterr().err)
+    assert len(errors) == 1 and "big.npy" in errors[0] and "[0, 500)" in errors[0]
+    assert (wavs / "ok.wav").exists() and not (wavs / "big.wav").exists()
+
+
+def test_missing_model_is_one_line(tmp_path, capsys, monkeypatch, wav_dir):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    assert main(["encode", str(wav_dir / "a.wav"), "-o", str(tmp_path / "o"), "--model", "nobody/nothing"]) == 2
+    errors = _lines(capsys.readouterr().err)
+    assert len(errors) == 1 and "nobody/nothing" in errors[0]
+
+
+def test_python_dash_m_runs_the_cli():
+    result = subprocess.run([sys.executable, "-m", "xcodec2_jax", "--help"], capture_output=True, text=True)
+    assert result.returncode == 0 and "encode" in result.stdout and "roundtrip" in result.stdout

@@ -1,0 +1,228 @@
+"""``xcodec2-jax``: encode audio files to codes, decode codes to WAV, or round-trip a file.
+
+Each bad input gets one line on stderr naming the file and the problem; the other files are still
+processed, and the exit code is then 2. Existing outputs are never overwritten without
+``--overwrite``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Sequence
+
+import numpy as np
+
+AUDIO_SUFFIXES = (".wav", ".flac", ".ogg", ".oga", ".mp3", ".aiff", ".aif", ".au")
+EXIT_OK, EXIT_BAD_INPUT = 0, 2
+
+
+class _Run:
+    """Collects per-file failures; the exit code follows from them."""
+
+    def __init__(self):
+        self.failed = 0
+
+    def fail(self, path: str, problem: str) -> None:
+        self.failed += 1
+        message = " ".join(str(problem).split())
+        print(f"xcodec2-jax: {path}: {message}", file=sys.stderr)
+
+    @property
+    def exit_code(self) -> int:
+        return EXIT_BAD_INPUT if self.failed else EXIT_OK
+
+
+def _expand_inputs(inputs: Sequence[str], suffixes: tuple[str, ...], run: _Run) -> list[tuple[str, str]]:
+    """(input file, output path relative to the output dir without suffix), directories mirrored."""
+    pairs = []
+    for item in inputs:
+        if os.path.isdir(item):
+            root = os.path.normpath(item)
+            found = []
+            for dirpath, dirnames, filenames in os.walk(root):
+                dirnames.sort()
+                for name in sorted(filenames):
+                    if name.lower().endswith(suffixes):
+                        path = os.path.join(dirpath, name)
+                        found.append((path, os.path.splitext(os.path.relpath(path, root))[0]))
+            if not found:
+                run.fail(item, f"no files ending in {', '.join(suffixes)} in this directory")
+            pairs += found
+        elif os.path.isfile(item):
+            pairs.append((item, os.path.splitext(os.path.basename(item))[0]))
+        else:
+            run.fail(item, "no such file or directory")
+    return pairs
+
+
+def _read_audio(path: str):
+    import soundfile as sf
+
+    try:
+        audio, rate = sf.read(path, dtype="float32", always_2d=False)
+    except Exception as e:  # soundfile raises LibsndfileError, RuntimeError, TypeError ...
+        raise ValueError(f"cannot read audio ({type(e).__name__}: {e})") from None
+    return audio, rate
+
+
+def _progress(items, desc: str):
+    from tqdm.auto import tqdm
+
+    return tqdm(items, desc=desc, unit="file", disable=None)
+
+
+class ModelLoadError(Exception):
+    """The model could not be loaded: nothing else can run."""
+
+
+def _load_codec(args):
+    import jax.numpy as jnp
+
+    from .codec import Xcodec2Codec
+
+    dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[args.dtype]
+    try:
+        return Xcodec2Codec.from_pretrained(args.model, dtype=dtype, batch_size=args.batch_size)
+    except (OSError, ValueError) as e:
+        raise ModelLoadError(str(e)) from e
+
+
+def cmd_encode(args, run: _Run) -> None:
+    from .codec import prepare_audio
+
+    jobs = []
+    for path, rel in _expand_inputs(args.inputs, AUDIO_SUFFIXES, run):
+        out = os.path.join(args.output, rel + ".npy")
+        if os.path.exists(out) and not args.overwrite:
+            run.fail(path, f"output {out} exists (use --overwrite to replace it)")
+            continue
+        jobs.append((path, out))
+    if not jobs:
+        return
+    codec = _load_codec(args)
+    # Files are read and checked one by one (a bad file is reported, not fatal), then encoded in
+    # groups of batch_size so the codec can batch them.
+    group: list[tuple[str, str, np.ndarray]] = []
+    for i, (path, out) in enumerate(_progress(jobs, "encode")):
+        try:
+            audio, rate = _read_audio(path)
+            group.append((path, out, prepare_audio(audio, rate)))
+        except ValueError as e:
+            run.fail(path, str(e).removeprefix("item 0: "))
+        if len(group) == args.batch_size or (i == len(jobs) - 1 and group):
+            encoded = codec.encode([a for _, _, a in group], codec.sampling_rate)
+            for (_, target, _), codes in zip(group, encoded):
+                os.makedirs(os.path.dirname(os.path.abspath(target)), exist_ok=True)
+                np.save(target, codes.astype(np.int32))
+            group = []
+
+
+def _read_codes(path: str, codebook_size: int) -> np.ndarray:
+    try:
+        codes = np.load(path, allow_pickle=False)
+    except Exception as e:
+        raise ValueError(f"cannot read codes ({type(e).__name__}: {e})") from None
+    if codes.ndim == 2 and codes.shape[0] == 1:
+        codes = codes[0]
+    if codes.ndim != 1 or codes.size == 0:
+        raise ValueError(f"expected a non-empty 1-D array of codes, got shape {codes.shape}")
+    if codes.dtype.kind not in "iu":
+        raise ValueError(f"expected integer codes, got dtype {codes.dtype}")
+    if codes.min() < 0 or codes.max() >= codebook_size:
+        raise ValueError(f"codes must lie in [0, {codebook_size}), found [{codes.min()}, {codes.max()}]")
+    return codes.astype(np.int32)
+
+
+def _write_wav(path: str, audio: np.ndarray, rate: int) -> None:
+    import soundfile as sf
+
+    sf.write(path, audio, rate, subtype="FLOAT")
+
+
+def cmd_decode(args, run: _Run) -> None:
+    jobs = []
+    for path, rel in _expand_inputs(args.inputs, (".npy",), run):
+        out = os.path.join(args.output, rel + ".wav")
+        if os.path.exists(out) and not args.overwrite:
+            run.fail(path, f"output {out} exists (use --overwrite to replace it)")
+            continue
+        jobs.append((path, out))
+    if not jobs:
+        return
+    codec = _load_codec(args)
+    group: list[tuple[str, np.ndarray]] = []
+    for i, (path, out) in enumerate(_progress(jobs, "decode")):
+        try:
+            group.append((out, _read_codes(path, codec.config.codebook_size)))
+        except ValueError as e:
+            run.fail(path, str(e))
+        if len(group) == args.batch_size or (i == len(jobs) - 1 and group):
+            for (target, _), audio in zip(group, codec.decode([c for _, c in group])):
+                os.makedirs(os.path.dirname(os.path.abspath(target)), exist_ok=True)
+                _write_wav(target, audio, codec.sampling_rate)
+            group = []
+
+
+def cmd_roundtrip(args, run: _Run) -> None:
+    from .codec import prepare_audio
+
+    if os.path.exists(args.output) and not args.overwrite:
+        run.fail(args.input, f"output {args.output} exists (use --overwrite to replace it)")
+        return
+    try:
+        audio, rate = _read_audio(args.input)
+        audio = prepare_audio(audio, rate)
+    except ValueError as e:
+        run.fail(args.input, str(e).removeprefix("item 0: "))
+        return
+    codec = _load_codec(args)
+    decoded = codec.decode(codec.encode(audio, codec.sampling_rate))[0]
+    os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
+    _write_wav(args.output, decoded[: len(audio)], codec.sampling_rate)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .codec import DEFAULT_MODEL_ID
+
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--model", default=DEFAULT_MODEL_ID,
+                        help=f"checkpoint directory or Hugging Face Hub repo id (default {DEFAULT_MODEL_ID})")  # fmt: skip
+    common.add_argument("--batch-size", type=int, default=8, help="items per batch (default 8)")
+    common.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="compute dtype")
+    common.add_argument("--overwrite", action="store_true", help="replace existing outputs")
+
+    parser = argparse.ArgumentParser(prog="xcodec2-jax", description="X-Codec2 speech codec in JAX.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("encode", parents=[common], help="audio files -> .npy int32 codes (50 per second)")
+    p.add_argument("inputs", nargs="+", help="audio files or directories (mirrored under OUTDIR)")
+    p.add_argument("-o", "--output", required=True, metavar="OUTDIR")
+    p.set_defaults(func=cmd_encode)
+    p = sub.add_parser("decode", parents=[common], help=".npy codes -> 16 kHz WAV files")
+    p.add_argument("inputs", nargs="+", help=".npy files or directories (mirrored under OUTDIR)")
+    p.add_argument("-o", "--output", required=True, metavar="OUTDIR")
+    p.set_defaults(func=cmd_decode)
+    p = sub.add_parser("roundtrip", parents=[common], help="encode then decode one file")
+    p.add_argument("input")
+    p.add_argument("output", help="output WAV path")
+    p.set_defaults(func=cmd_roundtrip)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.batch_size < 1:
+        print("xcodec2-jax: --batch-size must be at least 1", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    run = _Run()
+    try:
+        args.func(args, run)
+    except ModelLoadError as e:
+        print(f"xcodec2-jax: {args.model}: {' '.join(str(e).split())}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    return run.exit_code
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

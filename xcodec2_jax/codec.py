@@ -1,0 +1,296 @@
+"""``Xcodec2Codec``: audio in, codes out, and back, without thinking about padding or compilation.
+
+Inputs of any length, sample rate, channel count and sample dtype are normalised to 16 kHz mono
+float32, sorted by length and run in batches whose size and padded length are rounded up to a
+small set of buckets, so a stream of varied inputs reuses a handful of compiled functions. Padding
+never changes a result: items are encoded and decoded with masks that make every item of a padded
+batch compute exactly what it would alone. Results come back in input order.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from .config import Xcodec2Config
+from .features import Xcodec2FeatureExtractor
+from .model import Xcodec2Model, validate_codes
+from .weights import load_checkpoint
+
+DEFAULT_MODEL_ID = "HKUSTAudio/xcodec2-hf"
+SAMPLING_RATE = 16000
+# A stereo/multichannel array is (samples, channels), soundfile's layout. A (channels, samples) array
+# is recognised when it has at most this many rows and more columns than rows.
+MAX_CHANNELS = 16
+
+
+def length_bucket(n: int, minimum: int = 8) -> int:
+    """Round a code count up to 2^k · {1, 1.25, 1.5, 1.75}: at most 25% padding, 4 shapes per octave."""
+    n = max(int(n), minimum)
+    octave = 1 << (n.bit_length() - 1)  # the largest power of two <= n, a multiple of 4 here
+    return next(octave * q // 4 for q in (4, 5, 6, 7, 8) if octave * q // 4 >= n)
+
+
+def batch_bucket(n: int, batch_size: int) -> int:
+    """Round a batch size up to a power of two, capped at ``batch_size``."""
+    return min(batch_size, 1 << max(int(n) - 1, 0).bit_length())
+
+
+def to_mono_float32(audio: Any, index: int = 0) -> np.ndarray:
+    """One item of audio as float32 mono in [-1, 1] (before resampling).
+
+    Integer PCM is scaled by its full range (int16 by 32768, int32 by 2^31, uint8 centred on 128).
+    2-D audio is (samples, channels) as soundfile reads it, or (channels, samples) when it has at
+    most 16 rows and more columns than rows; channels are averaged (downmix to mono).
+    """
+    a = np.asarray(audio)
+    if a.dtype.kind not in "fiu":
+        raise ValueError(f"item {index}: audio must be numeric, got dtype {a.dtype}")
+    if a.ndim == 0 or a.ndim > 2:
+        raise ValueError(f"item {index}: audio must be 1-D (samples,) or 2-D (samples, channels), got shape {a.shape}")
+    if a.ndim == 2 and a.shape[0] <= MAX_CHANNELS and a.shape[1] > a.shape[0]:
+        a = a.T
+    if a.size == 0:
+        raise ValueError(f"item {index}: audio is empty")
+    if a.dtype.kind == "u":
+        half = 2.0 ** (8 * a.dtype.itemsize - 1)
+        a = (a.astype(np.float64) - half) / half
+    elif a.dtype.kind == "i":
+        a = a.astype(np.float64) / 2.0 ** (8 * a.dtype.itemsize - 1)
+    a = a.astype(np.float32)
+    if a.ndim == 2:
+        a = a.mean(axis=1, dtype=np.float32)
+    if not np.isfinite(a).all():
+        raise ValueError(f"item {index}: audio contains NaN or Inf")
+    return a
+
+
+def prepare_audio(audio: Any, sampling_rate: float, index: int = 0) -> np.ndarray:
+    """:func:`to_mono_float32`, then resampled to 16 kHz with soxr when needed."""
+    if not isinstance(sampling_rate, (int, float, np.integer, np.floating)) or not sampling_rate > 0:
+        raise ValueError(f"sampling_rate must be a positive number, got {sampling_rate!r}")
+    a = to_mono_float32(audio, index)
+    if sampling_rate != SAMPLING_RATE:
+        import soxr
+
+        a = soxr.resample(a, float(sampling_rate), SAMPLING_RATE).astype(np.float32)
+        if a.size == 0:
+            raise ValueError(f"item {index}: audio is shorter than one sample at {SAMPLING_RATE} Hz")
+    return a
+
+
+@dataclasses.dataclass
+class EncodedAudio:
+    """Codes of a batch: ``codes`` (B, N) int32 zero-padded past ``lengths`` (B,) valid codes."""
+
+    codes: np.ndarray
+    lengths: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.lengths)
+
+    def __getitem__(self, i: int) -> np.ndarray:
+        """Item ``i``'s valid codes, (lengths[i],) int32."""
+        return self.codes[i, : self.lengths[i]]
+
+    def __iter__(self) -> Iterator[np.ndarray]:
+        return (self[i] for i in range(len(self)))
+
+    def to_list(self) -> list[np.ndarray]:
+        return list(self)
+
+
+def _resolve_checkpoint(path_or_repo_id: str, revision: str | None, cache_dir: str | None) -> str:
+    if os.path.isdir(path_or_repo_id):
+        return path_or_repo_id
+    tried = f"{path_or_repo_id!r} is not a local directory"
+    try:
+        from huggingface_hub import snapshot_download
+    except ImportError:
+        raise OSError(
+            f"cannot load {tried}, and huggingface_hub is not installed to download it as a hub repo "
+            "(pip install 'xcodec2_jax[hub]')"
+        ) from None
+    try:
+        return snapshot_download(
+            path_or_repo_id,
+            revision=revision,
+            cache_dir=cache_dir,
+            allow_patterns=["*.json", "*.safetensors", "_CHECKPOINT_METADATA", "params/**"],
+        )
+    except Exception as e:  # offline, unknown repo, bad revision, ...
+        raise OSError(
+            f"cannot load {tried}, and downloading it from the Hugging Face Hub failed "
+            f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
+        ) from e
+
+
+class Xcodec2Codec:
+    """The high-level X-Codec2 codec. ``encode`` audio to codes and ``decode`` codes to 16 kHz audio."""
+
+    def __init__(self, config: Xcodec2Config, params: Any, *, dtype: Any = jnp.float32, batch_size: int = 8):
+        if not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+        self.config = config
+        self.dtype = dtype
+        self.batch_size = batch_size
+        self.model = Xcodec2Model(config, dtype=dtype)
+        self.params = jax.device_put(params)
+        self.features = Xcodec2FeatureExtractor(hop_length=config.hop_length)
+        model = self.model
+
+        def encode(params, inputs):
+            out = model.apply({"params": params}, **inputs, isolate_items=True, method=Xcodec2Model.encode)
+            return out.audio_codes[:, 0]
+
+        def decode(params, codes, mask):
+            out = model.apply({"params": params}, codes[:, None], audio_codes_mask=mask, method=Xcodec2Model.decode)
+            return out.audio_values[:, 0]
+
+        self._encode = jax.jit(encode)
+        self._decode = jax.jit(decode)
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        path_or_repo_id: str | os.PathLike = DEFAULT_MODEL_ID,
+        *,
+        dtype: Any = jnp.float32,
+        batch_size: int = 8,
+        revision: str | None = None,
+        cache_dir: str | None = None,
+    ) -> Xcodec2Codec:
+        """Load a checkpoint directory (transformers or original format, ``config.json`` + safetensors)
+        or download a Hugging Face Hub repo (needs the ``hub`` extra)."""
+        path = _resolve_checkpoint(os.fspath(path_or_repo_id), revision, cache_dir)
+        config, params = load_checkpoint(path)
+        return cls(config, params, dtype=dtype, batch_size=batch_size)
+
+    @property
+    def sampling_rate(self) -> int:
+        return SAMPLING_RATE
+
+    @property
+    def hop_length(self) -> int:
+        return self.config.hop_length
+
+    # ----------------------------------------------------------------------------------------------
+    def _batches(self, lengths: Sequence[int], batch_size: int | None) -> Iterator[list[int]]:
+        size = batch_size or self.batch_size
+        order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+        for start in range(0, len(order), size):
+            yield order[start : start + size]
+
+    def encode(
+        self, audio: Any, sampling_rate: float, *, batch_size: int | None = None, progress: bool = False
+    ) -> EncodedAudio:
+        """Audio -> codes at 50 per second (16 kHz / 320).
+
+        ``audio``: one array or a list of them, each (samples,) or (samples, channels), of any float or
+        integer dtype (integers are scaled to [-1, 1)), at ``sampling_rate`` (resampled to 16 kHz).
+        An item of T samples (at 16 kHz) gets ceil((T + 1) / 320) codes, as the reference gives it.
+        Bad items raise ``ValueError`` naming the item index.
+        """
+        items = audio if isinstance(audio, (list, tuple)) else [audio]
+        if len(items) == 0:
+            raise ValueError("no audio given")
+        prepared = [prepare_audio(a, sampling_rate, i) for i, a in enumerate(items)]
+        hop = self.hop_length
+        n_codes = [math.ceil((len(a) + 1) / hop) for a in prepared]
+        codes = np.zeros((len(prepared), max(n_codes)), np.int32)
+        size = batch_size or self.batch_size
+        for batch in _progress(list(self._batches(n_codes, batch_size)), progress, "encode"):
+            n = length_bucket(max(n_codes[i] for i in batch))
+            inputs = self.features([prepared[i] for i in batch], padding="max_length", max_length=n * hop)
+            inputs = _pad_batch(inputs, batch_bucket(len(batch), size))
+            out = np.asarray(self._encode(self.params, inputs))
+            for row, i in enumerate(batch):
+                codes[i, : n_codes[i]] = out[row, : n_codes[i]]
+        return EncodedAudio(codes=codes, lengths=np.asarray(n_codes, np.int32))
+
+    def decode(
+        self,
+        codes: Any,
+        lengths: Sequence[int] | np.ndarray | None = None,
+        *,
+        batch_size: int | None = None,
+        progress: bool = False,
+    ) -> np.ndarray | list[np.ndarray]:
+        """Codes -> 16 kHz float32 audio, 320 samples per code.
+
+        ``codes``: (N,) or (B, N) integers in [0, 65536), an :class:`EncodedAudio`, or a list of 1-D
+        arrays. Returns (B, N·320) for an array without ``lengths``; otherwise (``lengths`` given, an
+        EncodedAudio, or a list) a list of per-item arrays of ``lengths[i]·320`` samples.
+        """
+        if isinstance(codes, EncodedAudio):
+            codes, lengths = codes.codes, codes.lengths
+        as_list = lengths is not None or isinstance(codes, (list, tuple))
+        if isinstance(codes, (list, tuple)):
+            items = [np.asarray(c) for c in codes]
+            if any(c.ndim != 1 for c in items):
+                raise ValueError("a list of codes must hold 1-D arrays")
+        else:
+            arr = np.asarray(codes)
+            if arr.ndim == 1:
+                arr = arr[None]
+            if arr.ndim != 2:
+                raise ValueError(f"codes must be (N,) or (B, N), got shape {arr.shape}")
+            if lengths is None:
+                items = list(arr)
+            else:
+                lengths = np.asarray(lengths)
+                if lengths.shape != (arr.shape[0],) or (lengths < 1).any() or (lengths > arr.shape[1]).any():
+                    raise ValueError(f"lengths must be (B,) = ({arr.shape[0]},) values in [1, {arr.shape[1]}]")
+                items = [arr[i, : lengths[i]] for i in range(arr.shape[0])]
+        for i, c in enumerate(items):
+            if c.size == 0:
+                raise ValueError(f"item {i}: no codes")
+            try:
+                validate_codes(c[None, None], self.config.codebook_size)
+            except ValueError as e:
+                raise ValueError(f"item {i}: {e}") from None
+
+        hop = self.hop_length
+        size = batch_size or self.batch_size
+        n_codes = [len(c) for c in items]
+        out: list[np.ndarray | None] = [None] * len(items)
+        for batch in _progress(list(self._batches(n_codes, batch_size)), progress, "decode"):
+            n = length_bucket(max(n_codes[i] for i in batch))
+            rows = batch_bucket(len(batch), size)
+            padded = np.zeros((rows, n), np.int32)
+            mask = np.zeros((rows, n), np.int32)
+            for row, i in enumerate(batch):
+                padded[row, : n_codes[i]] = items[i]
+                mask[row, : n_codes[i]] = 1
+            audio = np.asarray(self._decode(self.params, padded, mask))
+            for row, i in enumerate(batch):
+                out[i] = audio[row, : n_codes[i] * hop]
+        return out if as_list else np.stack(out)
+
+
+def _pad_batch(inputs: dict[str, np.ndarray], rows: int) -> dict[str, np.ndarray]:
+    """Append all-padding items (zero audio, masks 0, features at the padding value) up to ``rows``."""
+    b = inputs["input_values"].shape[0]
+    if b == rows:
+        return inputs
+    out = {}
+    for key, value in inputs.items():
+        fill = 1.0 if key == "input_features" else 0
+        extra = np.full((rows - b, *value.shape[1:]), fill, value.dtype)
+        out[key] = np.concatenate([value, extra])
+    return out
+
+
+def _progress(batches: list, enabled: bool, what: str):
+    if not enabled:
+        return batches
+    from tqdm.auto import tqdm
+
+    return tqdm(batches, desc=what, unit="batch")
