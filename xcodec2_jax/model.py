@@ -7,6 +7,8 @@ Inside, everything is channels-last; the public methods take and return the tran
 
 from __future__ import annotations
 
+import functools
+
 import flax.linen as nn
 import flax.struct
 import jax
@@ -64,9 +66,7 @@ def validate_codes(audio_codes, codebook_size: int) -> None:
         values = np.asarray(audio_codes)
         low, high = values.min(), values.max()
         if low < 0 or high >= codebook_size:
-            raise ValueError(
-                f"audio_codes must lie in [0, {codebook_size}), found values in [{low}, {high}]"
-            )
+            raise ValueError(f"audio_codes must lie in [0, {codebook_size}), found values in [{low}, {high}]")
 
 
 class Xcodec2Model(nn.Module):
@@ -106,7 +106,9 @@ class Xcodec2Model(nn.Module):
         if input_values.ndim != 3 or input_values.shape[1] != 1:
             raise ValueError(f"input_values must have shape (batch, 1, samples), got {input_values.shape}")
         if input_features.ndim != 3:
-            raise ValueError(f"input_features must have shape (batch, frames, 160), got {input_features.shape}")
+            raise ValueError(
+                f"input_features must have shape (batch, frames, 160), got {input_features.shape}"
+            )
         frames = None
         if isolate_items:
             if input_features_mask is None:
@@ -183,7 +185,9 @@ class Xcodec2Model(nn.Module):
         output_latents: bool = False,
     ) -> Xcodec2Output:
         """Encode then decode from the latents, trimming the audio to the input length."""
-        enc = self.encode(input_values, input_features, padding_mask, input_features_mask, output_latents=True)
+        enc = self.encode(
+            input_values, input_features, padding_mask, input_features_mask, output_latents=True
+        )
         audio = self.decode(latents=enc.latents).audio_values[..., : input_values.shape[-1]]
         return Xcodec2Output(
             audio_values=audio,
@@ -193,11 +197,17 @@ class Xcodec2Model(nn.Module):
         )
 
 
+@functools.lru_cache(maxsize=8)
 def abstract_params(config: Xcodec2Config) -> dict:
-    """Shapes and dtypes of the parameter tree, without allocating or computing anything."""
+    """Shapes and dtypes of the parameter tree, without allocating or computing anything.
+
+    Cached per config (configs are hashable): tracing the full model takes seconds. Treat the
+    returned tree as read-only."""
     hop = config.hop_length
     values = jax.ShapeDtypeStruct((1, 1, 2 * hop), jnp.float32)
-    features = jax.ShapeDtypeStruct((1, 2, config.semantic_model_config.feature_projection_input_dim), jnp.float32)
+    features = jax.ShapeDtypeStruct(
+        (1, 2, config.semantic_model_config.feature_projection_input_dim), jnp.float32
+    )
     variables = jax.eval_shape(Xcodec2Model(config).init, jax.random.PRNGKey(0), values, features)
     return variables["params"]
 

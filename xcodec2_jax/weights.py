@@ -257,16 +257,89 @@ def _config_for(path: str, original_state: Mapping[str, np.ndarray] | None = Non
         # The original release's config.json carries almost no shapes; its weights give the rest.
         return Xcodec2Config.from_dict(config_from_original(data, original_state))
     if data is None:
-        raise FileNotFoundError(f"no config.json beside {path!r}: pass config=Xcodec2Config(...) to load_params")
+        raise FileNotFoundError(
+            f"no config.json beside {path!r}: pass config=Xcodec2Config(...) to load_params"
+        )
     return Xcodec2Config.from_dict(data)
 
 
-def load_checkpoint(path: str | os.PathLike, config=None, *, dtype: Any = None):
-    """``(config, params)`` of a checkpoint; see :func:`load_params` for what ``path`` may be."""
+ORBAX_PARAMS_DIR = "params"
+
+
+def is_orbax_checkpoint(path: str | os.PathLike) -> bool:
+    """A directory written by :func:`save_orbax`: ``config.json`` plus an Orbax ``params/`` tree."""
+    return os.path.isfile(os.path.join(os.fspath(path), ORBAX_PARAMS_DIR, "_CHECKPOINT_METADATA"))
+
+
+def save_orbax(
+    directory: str | os.PathLike, params: Mapping[str, Any], config, *, overwrite: bool = False
+) -> None:
+    """Write ``params`` as an Orbax checkpoint under ``directory/params`` with ``directory/config.json``.
+
+    Loading it back (:func:`load_params`, ``Xcodec2Codec.from_pretrained``) skips the safetensors
+    conversion and can restore every array straight into a given sharding.
+    """
+    import orbax.checkpoint as ocp
+
+    directory = os.path.abspath(os.fspath(directory))
+    target = os.path.join(directory, ORBAX_PARAMS_DIR)
+    if os.path.exists(target) and not overwrite:
+        raise FileExistsError(f"{target} exists (pass overwrite=True to replace it)")
+    config.save_pretrained(directory)
+    checkpointer = ocp.StandardCheckpointer()
+    checkpointer.save(target, params, force=overwrite)
+    checkpointer.wait_until_finished()
+
+
+def _restore_orbax(path: str, config, sharding: Any) -> dict[str, Any]:
+    import jax
+    import orbax.checkpoint as ocp
+
+    from .model import abstract_params
+
+    target = os.path.join(os.path.abspath(path), ORBAX_PARAMS_DIR)
+    expected = abstract_params(config)
+    checkpointer = ocp.StandardCheckpointer()
+    stored = checkpointer.metadata(target)
+    stored = getattr(stored, "item_metadata", stored)
+    stored_flat = _flatten(dict(stored))
+    expected_flat = _flatten(expected)
+    unexpected = [(path_to_torch_key(p), v.shape) for p, v in stored_flat.items() if p not in expected_flat]
+    missing = [(path_to_torch_key(p), v.shape) for p, v in expected_flat.items() if p not in stored_flat]
+    mismatched = [
+        (path_to_torch_key(p), v.shape, v.shape, stored_flat[p].shape)
+        for p, v in expected_flat.items()
+        if p in stored_flat and tuple(stored_flat[p].shape) != tuple(v.shape)
+    ]
+    if unexpected or missing or mismatched:
+        raise CheckpointMismatchError(unexpected, missing, mismatched, source=f"Orbax checkpoint {path!r}")
+    if sharding is None:
+        return checkpointer.restore(target)
+    shardings = sharding if isinstance(sharding, Mapping) else jax.tree.map(lambda _: sharding, expected)
+    abstract = jax.tree.map(
+        lambda leaf, shard: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=shard), expected, shardings
+    )
+    return checkpointer.restore(target, abstract)
+
+
+def load_checkpoint(path: str | os.PathLike, config=None, *, dtype: Any = None, sharding: Any = None):
+    """``(config, params)`` of a checkpoint; see :func:`load_params` for the arguments."""
+    import jax
+    import jax.numpy as jnp
+
     from .model import abstract_params
     from .original import is_original_format, original_to_transformers
 
     path = os.fspath(path)
+    if os.path.isdir(path) and is_orbax_checkpoint(path):
+        if config is None:
+            config = _config_for(path)
+        params = _restore_orbax(path, config, sharding)
+        if dtype is not None:
+            params = jax.tree.map(
+                lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, params
+            )
+        return config, params
     state = read_state_dict(path)
     original = is_original_format(state)
     if config is None:
@@ -274,21 +347,28 @@ def load_checkpoint(path: str | os.PathLike, config=None, *, dtype: Any = None):
     if original:
         state = original_to_transformers(state)
     params = convert_state_dict(state, abstract_params(config), source=f"checkpoint {path!r}", dtype=dtype)
+    if sharding is not None:
+        params = jax.device_put(params, sharding)
     return config, params
 
 
-def load_params(path: str | os.PathLike, config=None, *, dtype: Any = None) -> dict[str, Any]:
+def load_params(
+    path: str | os.PathLike, config=None, *, dtype: Any = None, sharding: Any = None
+) -> dict[str, Any]:
     """Load an X-Codec2 checkpoint into the Flax parameter tree of :class:`Xcodec2Model`.
 
     ``path`` is a checkpoint directory (``config.json`` with ``model.safetensors`` or a sharded
-    ``model.safetensors.index.json``), a ``.safetensors`` file, or an index file, in either format:
+    ``model.safetensors.index.json``, or an Orbax checkpoint written by :func:`save_orbax` or
+    ``python -m convert``), a ``.safetensors`` file, or an index file, in either key format:
     transformers' (``HKUSTAudio/xcodec2-hf``) or the original release's (``HKUSTAudio/xcodec2``,
     detected from its key names; weight norm folded, fused qkv split, w2v-BERT layers past 16
     dropped). ``config`` defaults to the ``config.json`` found there (for the original format, to
-    shapes read off the weights). Returns a nested dict of numpy arrays (host memory;
-    ``jax.device_put`` or shard them as you like), cast to ``dtype`` if given.
+    shapes read off the weights). Returns a nested dict of numpy arrays in host memory, cast to
+    ``dtype`` if given; with ``sharding`` (one ``jax.sharding.Sharding`` for every leaf, or a tree of
+    them shaped like the params), jax arrays placed accordingly, an Orbax checkpoint being read
+    straight into its shards.
 
     Strict: raises :class:`CheckpointMismatchError` (or, for original checkpoints with keys it
     cannot map, ``OriginalCheckpointError``) listing every offending key at once.
     """
-    return load_checkpoint(path, config, dtype=dtype)[1]
+    return load_checkpoint(path, config, dtype=dtype, sharding=sharding)[1]
