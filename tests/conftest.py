@@ -69,13 +69,17 @@ def spread_weights_(model, seed: int = 0) -> None:
                 p.add_(0.05 * torch.randn(p.shape, generator=gen))
 
         audio = load_speech()[0][:48000]
-        feats = {k: torch.from_numpy(v) for k, v in Xcodec2FeatureExtractor()(audio, sampling_rate=16000).items()}
+        feats = {
+            k: torch.from_numpy(v) for k, v in Xcodec2FeatureExtractor()(audio, sampling_rate=16000).items()
+        }
         acoustic = model.acoustic_encoder(feats["input_values"])
         model.acoustic_encoder.conv2.weight.div_(acoustic.std())
         model.acoustic_encoder.conv2.bias.div_(acoustic.std())
         semantic = model.semantic_encoder(feats["input_features"]).last_hidden_state.transpose(1, 2)
         model.semantic_adapter.conv4.weight.div_(model.semantic_adapter(semantic).std())
-        fused = torch.cat([model.semantic_adapter(semantic), model.acoustic_encoder(feats["input_values"])], 1)
+        fused = torch.cat(
+            [model.semantic_adapter(semantic), model.acoustic_encoder(feats["input_values"])], 1
+        )
         z = model.quantizer.project_in(model.fc_encoder(fused.transpose(1, 2)))
         mean, std = z.mean(dim=(0, 1)), z.std(dim=(0, 1))
         proj = model.quantizer.project_in

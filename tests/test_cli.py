@@ -33,7 +33,10 @@ def _lines(text: str) -> list[str]:
 
 def test_encode_folder_decode_and_roundtrip(small_ref, wav_dir, tmp_path, capsys):
     codes_dir, audio_dir = tmp_path / "codes", tmp_path / "audio"
-    assert main(["encode", str(wav_dir), "-o", str(codes_dir), "--model", small_ref.path, "--batch-size", "2"]) == 0
+    assert (
+        main(["encode", str(wav_dir), "-o", str(codes_dir), "--model", small_ref.path, "--batch-size", "2"])
+        == 0
+    )
     outputs = sorted(p.relative_to(codes_dir).as_posix() for p in codes_dir.rglob("*.npy"))
     assert outputs == ["a.npy", "b.npy", "sub/c.npy"]
     for rel in ("a", "b", "sub/c"):
@@ -56,7 +59,9 @@ def test_encode_folder_decode_and_roundtrip(small_ref, wav_dir, tmp_path, capsys
     assert main(["roundtrip", str(wav_dir / "a.wav"), str(out), "--model", small_ref.path]) == 2
     assert "exists" in _lines(capsys.readouterr().err)[0]
     assert os.path.getmtime(out) == before
-    assert main(["roundtrip", str(wav_dir / "a.wav"), str(out), "--model", small_ref.path, "--overwrite"]) == 0
+    assert (
+        main(["roundtrip", str(wav_dir / "a.wav"), str(out), "--model", small_ref.path, "--overwrite"]) == 0
+    )
 
 
 def test_bad_inputs_exit_2_and_good_files_still_done(small_ref, wav_dir, tmp_path, capsys):
@@ -74,7 +79,17 @@ def test_bad_inputs_exit_2_and_good_files_still_done(small_ref, wav_dir, tmp_pat
     np.save(tmp_path / "big.npy", np.array([1, 2, 65536], np.int64))
     np.save(tmp_path / "ok.npy", np.load(out / "a.npy"))
     wavs = tmp_path / "wavs"
-    code = main(["decode", str(tmp_path / "big.npy"), str(tmp_path / "ok.npy"), "-o", str(wavs), "--model", small_ref.path])
+    code = main(
+        [
+            "decode",
+            str(tmp_path / "big.npy"),
+            str(tmp_path / "ok.npy"),
+            "-o",
+            str(wavs),
+            "--model",
+            small_ref.path,
+        ]
+    )
     assert code == 2
     errors = _lines(capsys.readouterr().err)
     assert len(errors) == 1 and "big.npy" in errors[0] and "[0, 500)" in errors[0]
@@ -84,7 +99,9 @@ def test_bad_inputs_exit_2_and_good_files_still_done(small_ref, wav_dir, tmp_pat
 def test_missing_model_is_one_line(tmp_path, capsys, monkeypatch, wav_dir):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
-    assert main(["encode", str(wav_dir / "a.wav"), "-o", str(tmp_path / "o"), "--model", "nobody/nothing"]) == 2
+    assert (
+        main(["encode", str(wav_dir / "a.wav"), "-o", str(tmp_path / "o"), "--model", "nobody/nothing"]) == 2
+    )
     errors = _lines(capsys.readouterr().err)
     assert len(errors) == 1 and "nobody/nothing" in errors[0]
 

@@ -99,8 +99,12 @@ def test_decode_shapes_and_equality_to_model(codec, small_ref):
     lengths = [20, 7, 13]
     trimmed = codec.decode(codes, lengths=lengths)
     for i, n in enumerate(lengths):
-        alone = model.apply({"params": small_ref.params}, codes[i : i + 1, None, :n], method=Xcodec2Model.decode)
-        np.testing.assert_allclose(trimmed[i], np.asarray(alone.audio_values)[0, 0], atol=1e-5 * np.abs(ref).max())
+        alone = model.apply(
+            {"params": small_ref.params}, codes[i : i + 1, None, :n], method=Xcodec2Model.decode
+        )
+        np.testing.assert_allclose(
+            trimmed[i], np.asarray(alone.audio_values)[0, 0], atol=1e-5 * np.abs(ref).max()
+        )
 
 
 def test_encode_decode_roundtrip_object(codec):

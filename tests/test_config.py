@@ -23,14 +23,22 @@ def test_defaults_equal_transformers_defaults():
         assert getattr(ours, f.name) == (tuple(value) if isinstance(value, list) else value), f.name
     assert ours.rope_theta == ref.rope_parameters["rope_theta"]
     for f in dataclasses.fields(SemanticConfig):
-        assert getattr(ours.semantic_model_config, f.name) == getattr(ref.semantic_model_config, f.name), f.name
+        assert getattr(ours.semantic_model_config, f.name) == getattr(ref.semantic_model_config, f.name), (
+            f.name
+        )
     assert (ours.hop_length, ours.n_fft, ours.codebook_size) == (320, 1280, 65536)
 
 
 def test_from_pretrained_reads_transformers_config(tmp_path):
-    ref = TorchConfig(hidden_size=64, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
-                      downsampling_ratios=[2, 3], quantization_dim=64 + 32,
-                      semantic_model_config=dict(model_type="wav2vec2-bert", hidden_size=32))  # fmt: skip
+    ref = TorchConfig(
+        hidden_size=64,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        downsampling_ratios=[2, 3],
+        quantization_dim=64 + 32,
+        semantic_model_config=dict(model_type="wav2vec2-bert", hidden_size=32),
+    )
     ref.save_pretrained(tmp_path)
     ours = Xcodec2Config.from_pretrained(tmp_path)
     assert ours.hidden_size == 64 and ours.num_key_value_heads == 2 and ours.downsampling_ratios == (2, 3)
@@ -59,7 +67,10 @@ def test_round_trip_and_hashable(tmp_path):
         (dict(downsampling_ratios=(2, 0)), "downsampling_ratios"),
         (dict(quantization_levels=()), "quantization_levels"),
         (dict(quantization_dim=1000), "quantization_dim"),
-        (dict(semantic_model_config=dict(hidden_size=1000, num_attention_heads=16)), "semantic_model_config.hidden_size"),
+        (
+            dict(semantic_model_config=dict(hidden_size=1000, num_attention_heads=16)),
+            "semantic_model_config.hidden_size",
+        ),
         (dict(semantic_model_config=dict(model_type="bert")), "semantic_model_config.model_type"),
         (dict(encoder_hidden_size=-1), "encoder_hidden_size"),
     ],

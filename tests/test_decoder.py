@@ -98,7 +98,9 @@ def test_reference_rope_is_a_no_op(small_ref, monkeypatch):
     ours = np.asarray(_decode_fn(config)(small_ref.params, codes))
     _, rope_effect = rel_err(without_rope, with_rope)
     _, ours_vs_rope = rel_err(ours, with_rope)
-    print(f"reference with vs without RoPE: {rope_effect:.3e}; ours vs reference with RoPE: {ours_vs_rope:.3e}")
+    print(
+        f"reference with vs without RoPE: {rope_effect:.3e}; ours vs reference with RoPE: {ours_vs_rope:.3e}"
+    )
     assert rope_effect <= 1e-5
     assert ours_vs_rope <= 1e-4
 
@@ -110,10 +112,16 @@ def test_grouped_kv_heads(monkeypatch):
     from transformers.models.xcodec2.modeling_xcodec2 import Xcodec2Decoder
 
     kwargs = dict(
-        hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, head_dim=16, downsampling_ratios=[2, 3, 5], quantization_dim=96,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        downsampling_ratios=[2, 3, 5],
+        quantization_dim=96,
         semantic_model_config=dict(model_type="wav2vec2-bert", hidden_size=32, num_attention_heads=4),
-    )  # fmt: skip
+    )
     torch.manual_seed(0)
     ref = Xcodec2Decoder(TorchConfig(**kwargs)).eval()
     x = np.random.default_rng(0).normal(size=(2, 20, 96)).astype(np.float32)
@@ -172,7 +180,9 @@ def test_masked_batch_decodes_each_item_as_alone(small_ref):
     mask = (np.arange(25)[None] < np.asarray(lengths)[:, None]).astype(np.int32)
     model = Xcodec2Model(config)
     decode = jax.jit(
-        lambda p, c, m: model.apply({"params": p}, c, audio_codes_mask=m, method=Xcodec2Model.decode).audio_values
+        lambda p, c, m: (
+            model.apply({"params": p}, c, audio_codes_mask=m, method=Xcodec2Model.decode).audio_values
+        )
     )
     batched = np.asarray(decode(small_ref.params, codes, mask))
     for i, n in enumerate(lengths):

@@ -47,8 +47,10 @@ def _check_codes(which, ours, expected_codes, expected_latents):
     distinct = len(np.unique(expected_codes))
     agreement = float((codes == expected_codes).mean())
     err, rel = rel_err(ours.latents, expected_latents)
-    print(f"{which}: codes agreement {100 * agreement:.2f}% over {codes.size} codes ({distinct} distinct); "
-          f"latents max abs err {err:.3e}, relative to peak {rel:.3e}")  # fmt: skip
+    print(
+        f"{which}: codes agreement {100 * agreement:.2f}% over {codes.size} codes ({distinct} distinct); "
+        f"latents max abs err {err:.3e}, relative to peak {rel:.3e}"
+    )
     assert codes.dtype == np.int32 and codes.shape == expected_codes.shape
     assert distinct >= 20, "codes are not spread: the comparison would mean little"
     assert agreement == 1.0
@@ -84,7 +86,9 @@ def test_padded_batch_codes_and_mask_equal_reference(small_ref):
         n = int(mask[i].sum())
         ref_diff = int((codes[i, 0, :n] != ref_single[0, 0, :n]).sum())
         our_diff = int((np.asarray(ours.audio_codes)[i, 0, :n] != ours_single[0, 0, :n]).sum())
-        print(f"item {i}: {n} valid codes; batched vs alone differ in {our_diff} (ours), {ref_diff} (reference)")
+        print(
+            f"item {i}: {n} valid codes; batched vs alone differ in {our_diff} (ours), {ref_diff} (reference)"
+        )
         # Identical behaviour to the reference: the same codes differ, in both.
         assert our_diff == ref_diff
 
@@ -102,7 +106,9 @@ def test_submodules_match_reference(which, request):
         return np.asarray(model.apply({"params": ref.params}, *args, method=fn))
 
     with torch.no_grad():
-        sem_ref = tm.semantic_encoder(t["input_features"], attention_mask=t["input_features_mask"]).last_hidden_state
+        sem_ref = tm.semantic_encoder(
+            t["input_features"], attention_mask=t["input_features_mask"]
+        ).last_hidden_state
         adapted_ref = tm.semantic_adapter(sem_ref.transpose(1, 2)).transpose(1, 2)
         acoustic_ref = tm.acoustic_encoder(t["input_values"]).transpose(1, 2)
         fused = torch.cat([adapted_ref, acoustic_ref], dim=-1)
@@ -110,14 +116,15 @@ def test_submodules_match_reference(which, request):
         latents_ref, codes_ref = tm.quantizer(fc_ref)
 
     mask = jnp.asarray(feats["input_features_mask"])
+    semantic = run(lambda m, x, k: m.semantic_encoder(x, k), feats["input_features"], mask)
+    acoustic = run(lambda m, x: m.acoustic_encoder(jnp.swapaxes(x, 1, 2)), feats["input_values"])
     checks = {
-        "semantic_encoder": (run(lambda m, x, k: m.semantic_encoder(x, k), feats["input_features"], mask), sem_ref),
+        "semantic_encoder": (semantic, sem_ref),
         "semantic_adapter": (run(lambda m, x: m.semantic_adapter(x), sem_ref.numpy()), adapted_ref),
-        "acoustic_encoder": (run(lambda m, x: m.acoustic_encoder(jnp.swapaxes(x, 1, 2)), feats["input_values"]),
-                             acoustic_ref),
+        "acoustic_encoder": (acoustic, acoustic_ref),
         "fc_encoder": (run(lambda m, x: m.fc_encoder(x), fused.numpy()), fc_ref),
         "quantizer.latents": (run(lambda m, x: m.quantizer(x)[0], fc_ref.numpy()), latents_ref),
-    }  # fmt: skip
+    }
     for name, (ours, expected) in checks.items():
         expected = expected.numpy()
         valid = feats["input_features_mask"].astype(bool)
@@ -146,8 +153,16 @@ def test_encode_rejects_bad_shapes(small_ref):
     model = Xcodec2Model(small_ref.config)
     feats = _features(_speech(0.5)[:1])
     with pytest.raises(ValueError, match="input_values"):
-        model.apply({"params": small_ref.params}, feats["input_values"][:, 0], feats["input_features"],
-                    method=Xcodec2Model.encode)  # fmt: skip
+        model.apply(
+            {"params": small_ref.params},
+            feats["input_values"][:, 0],
+            feats["input_features"],
+            method=Xcodec2Model.encode,
+        )
     with pytest.raises(ValueError, match="frames"):
-        model.apply({"params": small_ref.params}, feats["input_values"], feats["input_features"][:, :-1],
-                    method=Xcodec2Model.encode)  # fmt: skip
+        model.apply(
+            {"params": small_ref.params},
+            feats["input_values"],
+            feats["input_features"][:, :-1],
+            method=Xcodec2Model.encode,
+        )

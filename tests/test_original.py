@@ -149,8 +149,13 @@ def test_config_from_original(original):
     assert config_from_original(config_json, shapes, num_attention_heads=ORIGINAL_SMALL["heads"]) == inferred
 
     # The release's config.json alone gives the release's hardcoded shapes = transformers' defaults.
-    release = dict(semantic_hidden_size=1024, codec_encoder_hidden_size=1024, codec_decoder_hidden_size=1024,
-                   use_vocos=True, model_type="xcodec")  # fmt: skip
+    release = dict(
+        semantic_hidden_size=1024,
+        codec_encoder_hidden_size=1024,
+        codec_decoder_hidden_size=1024,
+        use_vocos=True,
+        model_type="xcodec",
+    )
     assert Xcodec2Config.from_dict(config_from_original(release)) == Xcodec2Config()
     with pytest.warns(UserWarning, match="lacks"):
         assert Xcodec2Config.from_dict(config_from_original({})) == Xcodec2Config()
@@ -206,8 +211,10 @@ def test_original_rope_is_a_no_op():
 
 
 def _print_parity(name, agree, n_codes, n_distinct, audio_rel):
-    print(f"{name}: codes agreement {100 * agree:.2f}% of {n_codes} ({n_distinct} distinct); "
-          f"decoded audio max err / peak {audio_rel:.3e}")  # fmt: skip
+    print(
+        f"{name}: codes agreement {100 * agree:.2f}% of {n_codes} ({n_distinct} distinct); "
+        f"decoded audio max err / peak {audio_rel:.3e}"
+    )
 
 
 def test_our_features_are_the_inputs_the_original_builds(original):
@@ -343,8 +350,13 @@ def test_full_size_release_layout(monkeypatch):
     shapes = {f"{name}.{k}": tuple(v.shape) for name, m in parts.items() for k, v in m.state_dict().items()}
     assert any(k.endswith("parametrizations.weight.original1") for k in shapes)
 
-    release = dict(semantic_hidden_size=1024, codec_encoder_hidden_size=1024, codec_decoder_hidden_size=1024,
-                   use_vocos=True, model_type="xcodec")  # fmt: skip
+    release = dict(
+        semantic_hidden_size=1024,
+        codec_encoder_hidden_size=1024,
+        codec_decoder_hidden_size=1024,
+        use_vocos=True,
+        model_type="xcodec",
+    )
     assert Xcodec2Config.from_dict(config_from_original(release, shapes)) == Xcodec2Config()
     # Zero-stride stand-ins: the rewrite never copies a tensor except the weight-normed and qkv ones.
     converted = original_to_transformers({k: np.broadcast_to(np.float32(1), s) for k, s in shapes.items()})

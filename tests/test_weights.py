@@ -33,8 +33,11 @@ def _copy_checkpoint(src, dst, mutate):
 
 
 def test_key_paths_round_trip():
-    for key in ["acoustic_decoder.layers.3.self_attn.q_proj.weight", "acoustic_encoder.block.0.res_unit1.snake1.act.alpha",
-                "semantic_encoder.encoder.layers.15.conv_module.depthwise_conv.weight"]:  # fmt: skip
+    for key in [
+        "acoustic_decoder.layers.3.self_attn.q_proj.weight",
+        "acoustic_encoder.block.0.res_unit1.snake1.act.alpha",
+        "semantic_encoder.encoder.layers.15.conv_module.depthwise_conv.weight",
+    ]:
         assert path_to_torch_key(torch_key_to_path(key)) == key
     assert torch_key_to_path("a.layers.3.b.weight") == ("a", "layers_3", "b", "weight")
 
@@ -54,7 +57,9 @@ def test_every_key_used_and_every_leaf_filled(which, request):
     assert len(used) == len(got)
     # Values, not just shapes: a conv kernel and a linear kernel in the Flax layout.
     key = "acoustic_decoder.embed.weight"
-    np.testing.assert_array_equal(params["acoustic_decoder"]["embed"]["kernel"], state[key].transpose(2, 1, 0))
+    np.testing.assert_array_equal(
+        params["acoustic_decoder"]["embed"]["kernel"], state[key].transpose(2, 1, 0)
+    )
     key = "acoustic_decoder.fc.weight"
     np.testing.assert_array_equal(params["acoustic_decoder"]["fc"]["kernel"], state[key].T)
 
@@ -94,8 +99,10 @@ def test_each_kind_of_mismatch_raises(small_ref, tmp_path, kind):
 def test_sharded_checkpoint_and_single_file(small_ref, tmp_path):
     state = load_file(os.path.join(small_ref.path, "model.safetensors"))
     keys = sorted(state)
-    shards = {"model-00001-of-00002.safetensors": keys[: len(keys) // 2],
-              "model-00002-of-00002.safetensors": keys[len(keys) // 2 :]}  # fmt: skip
+    shards = {
+        "model-00001-of-00002.safetensors": keys[: len(keys) // 2],
+        "model-00002-of-00002.safetensors": keys[len(keys) // 2 :],
+    }
     out = tmp_path / "sharded"
     out.mkdir()
     shutil.copy(os.path.join(small_ref.path, "config.json"), out)

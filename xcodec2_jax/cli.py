@@ -113,7 +113,7 @@ def cmd_encode(args, run: _Run) -> None:
             run.fail(path, str(e).removeprefix("item 0: "))
         if len(group) == args.batch_size or (i == len(jobs) - 1 and group):
             encoded = codec.encode([a for _, _, a in group], codec.sampling_rate)
-            for (_, target, _), codes in zip(group, encoded):
+            for (_, target, _), codes in zip(group, encoded, strict=True):
                 os.makedirs(os.path.dirname(os.path.abspath(target)), exist_ok=True)
                 np.save(target, codes.astype(np.int32))
             group = []
@@ -159,7 +159,7 @@ def cmd_decode(args, run: _Run) -> None:
         except ValueError as e:
             run.fail(path, str(e))
         if len(group) == args.batch_size or (i == len(jobs) - 1 and group):
-            for (target, _), audio in zip(group, codec.decode([c for _, c in group])):
+            for (target, _), audio in zip(group, codec.decode([c for _, c in group]), strict=True):
                 os.makedirs(os.path.dirname(os.path.abspath(target)), exist_ok=True)
                 _write_wav(target, audio, codec.sampling_rate)
             group = []
@@ -187,8 +187,11 @@ def build_parser() -> argparse.ArgumentParser:
     from .codec import DEFAULT_MODEL_ID
 
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--model", default=DEFAULT_MODEL_ID,
-                        help=f"checkpoint directory or Hugging Face Hub repo id (default {DEFAULT_MODEL_ID})")  # fmt: skip
+    common.add_argument(
+        "--model",
+        default=DEFAULT_MODEL_ID,
+        help=f"checkpoint directory or Hugging Face Hub repo id (default {DEFAULT_MODEL_ID})",
+    )
     common.add_argument("--batch-size", type=int, default=8, help="items per batch (default 8)")
     common.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="compute dtype")
     common.add_argument("--overwrite", action="store_true", help="replace existing outputs")

@@ -54,7 +54,9 @@ def to_mono_float32(audio: Any, index: int = 0) -> np.ndarray:
     if a.dtype.kind not in "fiu":
         raise ValueError(f"item {index}: audio must be numeric, got dtype {a.dtype}")
     if a.ndim == 0 or a.ndim > 2:
-        raise ValueError(f"item {index}: audio must be 1-D (samples,) or 2-D (samples, channels), got shape {a.shape}")
+        raise ValueError(
+            f"item {index}: audio must be 1-D (samples,) or 2-D (samples, channels), got shape {a.shape}"
+        )
     if a.ndim == 2 and a.shape[0] <= MAX_CHANNELS and a.shape[1] > a.shape[0]:
         a = a.T
     if a.size == 0:
@@ -151,7 +153,9 @@ class Xcodec2Codec:
             return out.audio_codes[:, 0]
 
         def decode(params, codes, mask):
-            out = model.apply({"params": params}, codes[:, None], audio_codes_mask=mask, method=Xcodec2Model.decode)
+            out = model.apply(
+                {"params": params}, codes[:, None], audio_codes_mask=mask, method=Xcodec2Model.decode
+            )
             return out.audio_values[:, 0]
 
         self._encode = jax.jit(encode)
@@ -247,7 +251,9 @@ class Xcodec2Codec:
             else:
                 lengths = np.asarray(lengths)
                 if lengths.shape != (arr.shape[0],) or (lengths < 1).any() or (lengths > arr.shape[1]).any():
-                    raise ValueError(f"lengths must be (B,) = ({arr.shape[0]},) values in [1, {arr.shape[1]}]")
+                    raise ValueError(
+                        f"lengths must be (B,) = ({arr.shape[0]},) values in [1, {arr.shape[1]}]"
+                    )
                 items = [arr[i, : lengths[i]] for i in range(arr.shape[0])]
         for i, c in enumerate(items):
             if c.size == 0:

@@ -73,7 +73,9 @@ class SemanticConfig:
                 f"semantic_model_config.num_attention_heads ({self.num_attention_heads})"
             )
         if self.add_adapter:
-            raise ValueError("semantic_model_config.add_adapter=True is not used by X-Codec2 and not supported")
+            raise ValueError(
+                "semantic_model_config.add_adapter=True is not used by X-Codec2 and not supported"
+            )
 
     @property
     def head_dim(self) -> int:
@@ -126,7 +128,9 @@ class Xcodec2Config:
                 raise ValueError(f"{name} must be a non-empty sequence of positive integers, got {value!r}")
             object.__setattr__(self, name, value)
         if isinstance(self.semantic_model_config, dict):
-            object.__setattr__(self, "semantic_model_config", SemanticConfig.from_dict(self.semantic_model_config))
+            object.__setattr__(
+                self, "semantic_model_config", SemanticConfig.from_dict(self.semantic_model_config)
+            )
         _check_positive(
             self,
             (

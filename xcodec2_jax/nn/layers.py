@@ -47,7 +47,6 @@ class RMSNorm(nn.Module):
         return (scale * x32.astype(x.dtype)).astype(self.dtype)
 
 
-
 class GroupNorm(nn.Module):
     """torch ``GroupNorm`` on (B, T, C), in float32, with optional per-frame validity.
 
