@@ -16,6 +16,7 @@ import jax.numpy as jnp
 
 from .config import Xcodec2Config
 from .nn.activations import AntiAliasedSnakeBeta
+from .nn.layers import conv1d
 
 Array = jnp.ndarray
 
@@ -35,19 +36,6 @@ def _zero_tail(x: Array, lengths: Array | None) -> Array:
     return jnp.where(rows < jnp.asarray(lengths, jnp.int32)[:, None, None], x, jnp.zeros((), x.dtype))
 
 
-def _conv(features: int, kernel: int, *, stride: int = 1, dilation: int = 1, padding: int, dtype: Any):
-    """A torch `nn.Conv1d` with symmetric zero padding, as a channels-last Flax conv."""
-    return nn.Conv(
-        features,
-        (kernel,),
-        strides=(stride,),
-        kernel_dilation=(dilation,),
-        padding=[(padding, padding)],
-        dtype=dtype,
-        param_dtype=jnp.float32,
-    )
-
-
 class ResidualUnit(nn.Module):
     """Reference `Xcodec2ResidualUnit`: x + conv2(snake2(conv1(snake1(x)))), conv1 k=7 dilated."""
 
@@ -57,11 +45,11 @@ class ResidualUnit(nn.Module):
 
     def setup(self):
         self.snake1 = AntiAliasedSnakeBeta(self.features, dtype=self.dtype)
-        self.conv1 = _conv(
+        self.conv1 = conv1d(
             self.features, 7, dilation=self.dilation, padding=3 * self.dilation, dtype=self.dtype
         )
         self.snake2 = AntiAliasedSnakeBeta(self.features, dtype=self.dtype)
-        self.conv2 = _conv(self.features, 1, padding=0, dtype=self.dtype)
+        self.conv2 = conv1d(self.features, 1, padding=0, dtype=self.dtype)
 
     def __call__(self, x: Array, lengths: Array | None = None) -> Array:
         y = self.conv1(_zero_tail(self.snake1(x, lengths), lengths))
@@ -87,7 +75,7 @@ class EncoderBlock(nn.Module):
         self.res_unit2 = ResidualUnit(self.features, 3, dtype=self.dtype)
         self.res_unit3 = ResidualUnit(self.features, 9, dtype=self.dtype)
         self.snake1 = AntiAliasedSnakeBeta(self.features, dtype=self.dtype)
-        self.conv1 = _conv(
+        self.conv1 = conv1d(
             2 * self.features,
             2 * self.stride,
             stride=self.stride,
@@ -113,14 +101,14 @@ class AcousticEncoder(nn.Module):
     def setup(self):
         cfg = self.config
         width = cfg.encoder_hidden_size
-        self.conv1 = _conv(width, 7, padding=3, dtype=self.dtype)
+        self.conv1 = conv1d(width, 7, padding=3, dtype=self.dtype)
         self.block = [
             EncoderBlock(width * 2**i, stride, dtype=self.dtype)
             for i, stride in enumerate(cfg.downsampling_ratios)
         ]
         d_model = width * 2 ** len(cfg.downsampling_ratios)
         self.snake1 = AntiAliasedSnakeBeta(d_model, dtype=self.dtype)
-        self.conv2 = _conv(cfg.hidden_size, 3, padding=1, dtype=self.dtype)
+        self.conv2 = conv1d(cfg.hidden_size, 3, padding=1, dtype=self.dtype)
 
     def __call__(self, x: Array, lengths: Array | None = None) -> Array:
         """x (B, T, 1) → (B, frames, hidden_size).

@@ -57,14 +57,48 @@ def _expand_inputs(inputs: Sequence[str], suffixes: tuple[str, ...], run: _Run) 
     return pairs
 
 
-def _read_audio(path: str):
+def _read_audio(path: str) -> np.ndarray:
+    """A file as 16 kHz mono float32 (the codec's rules); ValueError says what is wrong with it."""
     import soundfile as sf
+
+    from .codec import prepare_audio
 
     try:
         audio, rate = sf.read(path, dtype="float32", always_2d=False)
     except Exception as e:  # soundfile raises LibsndfileError, RuntimeError, TypeError ...
         raise ValueError(f"cannot read audio ({type(e).__name__}: {e})") from None
-    return audio, rate
+    try:
+        return prepare_audio(audio, rate)
+    except ValueError as e:
+        raise ValueError(str(e).removeprefix("item 0: ")) from None
+
+
+def _jobs(args, run: _Run, suffixes: tuple[str, ...], out_suffix: str) -> list[tuple[str, str]]:
+    """(input, output) pairs, skipping (and reporting) inputs whose output exists without --overwrite."""
+    jobs = []
+    for path, rel in _expand_inputs(args.inputs, suffixes, run):
+        out = os.path.join(args.output, rel + out_suffix)
+        if os.path.exists(out) and not args.overwrite:
+            run.fail(path, f"output {out} exists (use --overwrite to replace it)")
+        else:
+            jobs.append((path, out))
+    return jobs
+
+
+def _in_groups(jobs, desc: str, read, flush, batch_size: int, run: _Run) -> None:
+    """Read each input (a bad one is reported, not fatal) and pass the good ones to ``flush`` as
+    lists of (output path, data), batch_size at a time, so the codec can batch them."""
+    group = []
+    for i, (path, out) in enumerate(_progress(jobs, desc)):
+        try:
+            group.append((out, read(path)))
+        except ValueError as e:
+            run.fail(path, str(e))
+        if group and (len(group) == batch_size or i == len(jobs) - 1):
+            for target, _ in group:
+                os.makedirs(os.path.dirname(os.path.abspath(target)), exist_ok=True)
+            flush(group)
+            group = []
 
 
 def _progress(items, desc: str):
@@ -90,33 +124,17 @@ def _load_codec(args):
 
 
 def cmd_encode(args, run: _Run) -> None:
-    from .codec import prepare_audio
-
-    jobs = []
-    for path, rel in _expand_inputs(args.inputs, AUDIO_SUFFIXES, run):
-        out = os.path.join(args.output, rel + ".npy")
-        if os.path.exists(out) and not args.overwrite:
-            run.fail(path, f"output {out} exists (use --overwrite to replace it)")
-            continue
-        jobs.append((path, out))
+    jobs = _jobs(args, run, AUDIO_SUFFIXES, ".npy")
     if not jobs:
         return
     codec = _load_codec(args)
-    # Files are read and checked one by one (a bad file is reported, not fatal), then encoded in
-    # groups of batch_size so the codec can batch them.
-    group: list[tuple[str, str, np.ndarray]] = []
-    for i, (path, out) in enumerate(_progress(jobs, "encode")):
-        try:
-            audio, rate = _read_audio(path)
-            group.append((path, out, prepare_audio(audio, rate)))
-        except ValueError as e:
-            run.fail(path, str(e).removeprefix("item 0: "))
-        if len(group) == args.batch_size or (i == len(jobs) - 1 and group):
-            encoded = codec.encode([a for _, _, a in group], codec.sampling_rate)
-            for (_, target, _), codes in zip(group, encoded, strict=True):
-                os.makedirs(os.path.dirname(os.path.abspath(target)), exist_ok=True)
-                np.save(target, codes.astype(np.int32))
-            group = []
+
+    def flush(group):
+        encoded = codec.encode([audio for _, audio in group], codec.sampling_rate)
+        for (target, _), codes in zip(group, encoded, strict=True):
+            np.save(target, codes.astype(np.int32))
+
+    _in_groups(jobs, "encode", _read_audio, flush, args.batch_size, run)
 
 
 def _read_codes(path: str, codebook_size: int) -> np.ndarray:
@@ -142,40 +160,33 @@ def _write_wav(path: str, audio: np.ndarray, rate: int) -> None:
 
 
 def cmd_decode(args, run: _Run) -> None:
-    jobs = []
-    for path, rel in _expand_inputs(args.inputs, (".npy",), run):
-        out = os.path.join(args.output, rel + ".wav")
-        if os.path.exists(out) and not args.overwrite:
-            run.fail(path, f"output {out} exists (use --overwrite to replace it)")
-            continue
-        jobs.append((path, out))
+    jobs = _jobs(args, run, (".npy",), ".wav")
     if not jobs:
         return
     codec = _load_codec(args)
-    group: list[tuple[str, np.ndarray]] = []
-    for i, (path, out) in enumerate(_progress(jobs, "decode")):
-        try:
-            group.append((out, _read_codes(path, codec.config.codebook_size)))
-        except ValueError as e:
-            run.fail(path, str(e))
-        if len(group) == args.batch_size or (i == len(jobs) - 1 and group):
-            for (target, _), audio in zip(group, codec.decode([c for _, c in group]), strict=True):
-                os.makedirs(os.path.dirname(os.path.abspath(target)), exist_ok=True)
-                _write_wav(target, audio, codec.sampling_rate)
-            group = []
+
+    def flush(group):
+        for (target, _), audio in zip(group, codec.decode([codes for _, codes in group]), strict=True):
+            _write_wav(target, audio, codec.sampling_rate)
+
+    _in_groups(
+        jobs,
+        "decode",
+        lambda path: _read_codes(path, codec.config.codebook_size),
+        flush,
+        args.batch_size,
+        run,
+    )
 
 
 def cmd_roundtrip(args, run: _Run) -> None:
-    from .codec import prepare_audio
-
     if os.path.exists(args.output) and not args.overwrite:
         run.fail(args.input, f"output {args.output} exists (use --overwrite to replace it)")
         return
     try:
-        audio, rate = _read_audio(args.input)
-        audio = prepare_audio(audio, rate)
+        audio = _read_audio(args.input)
     except ValueError as e:
-        run.fail(args.input, str(e).removeprefix("item 0: "))
+        run.fail(args.input, str(e))
         return
     codec = _load_codec(args)
     decoded = codec.decode(codec.encode(audio, codec.sampling_rate))[0]

@@ -17,9 +17,9 @@ def conv1d(
     groups: int = 1,
     use_bias: bool = True,
     dtype=jnp.float32,
-    name: str,
+    name: str | None = None,
 ) -> nn.Conv:
-    """A torch ``Conv1d`` with symmetric zero padding, on (B, T, C) inputs."""
+    """A torch ``Conv1d`` with symmetric zero padding, on (B, T, C) inputs (``name`` only outside setup)."""
     return nn.Conv(
         features,
         (kernel_size,),
