@@ -1,0 +1,1 @@
+"""Benchmarks of xcodec2_jax against the PyTorch reference; see benchmarks/README.md."""
