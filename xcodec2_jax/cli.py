@@ -89,7 +89,9 @@ def _in_groups(jobs, desc: str, read, flush, batch_size: int, run: _Run) -> None
     """Read each input (a bad one is reported, not fatal) and pass the good ones to ``flush`` as
     lists of (output path, data), batch_size at a time, so the codec can batch them."""
     group = []
-    for i, (path, out) in enumerate(_progress(jobs, desc)):
+    from .codec import progress_bar
+
+    for i, (path, out) in enumerate(progress_bar(jobs, desc, "file")):
         try:
             group.append((out, read(path)))
         except ValueError as e:
@@ -99,12 +101,6 @@ def _in_groups(jobs, desc: str, read, flush, batch_size: int, run: _Run) -> None
                 os.makedirs(os.path.dirname(os.path.abspath(target)), exist_ok=True)
             flush(group)
             group = []
-
-
-def _progress(items, desc: str):
-    from tqdm.auto import tqdm
-
-    return tqdm(items, desc=desc, unit="file", disable=None)
 
 
 class ModelLoadError(Exception):

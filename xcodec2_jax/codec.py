@@ -210,7 +210,7 @@ class Xcodec2Codec:
         n_codes = [math.ceil((len(a) + 1) / hop) for a in prepared]
         codes = np.zeros((len(prepared), max(n_codes)), np.int32)
         size = batch_size or self.batch_size
-        for batch in _progress(list(self._batches(n_codes, batch_size)), progress, "encode"):
+        for batch in progress_bar(list(self._batches(n_codes, batch_size)), "encode", "batch", progress):
             n = length_bucket(max(n_codes[i] for i in batch))
             inputs = self.features([prepared[i] for i in batch], padding="max_length", max_length=n * hop)
             inputs = _pad_batch(inputs, batch_bucket(len(batch), size))
@@ -267,7 +267,7 @@ class Xcodec2Codec:
         size = batch_size or self.batch_size
         n_codes = [len(c) for c in items]
         out: list[np.ndarray | None] = [None] * len(items)
-        for batch in _progress(list(self._batches(n_codes, batch_size)), progress, "decode"):
+        for batch in progress_bar(list(self._batches(n_codes, batch_size)), "decode", "batch", progress):
             n = length_bucket(max(n_codes[i] for i in batch))
             rows = batch_bucket(len(batch), size)
             padded = np.zeros((rows, n), np.int32)
@@ -294,9 +294,10 @@ def _pad_batch(inputs: dict[str, np.ndarray], rows: int) -> dict[str, np.ndarray
     return out
 
 
-def _progress(batches: list, enabled: bool, what: str):
+def progress_bar(items: list, desc: str, unit: str, enabled: bool = True):
+    """tqdm over ``items`` (hidden when not on a terminal), or the items themselves if disabled."""
     if not enabled:
-        return batches
+        return items
     from tqdm.auto import tqdm
 
-    return tqdm(batches, desc=what, unit="batch")
+    return tqdm(items, desc=desc, unit=unit, disable=None)

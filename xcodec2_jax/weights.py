@@ -165,16 +165,6 @@ def to_flax_layout(leaf: str, value: np.ndarray) -> np.ndarray:
     return value
 
 
-def from_flax_layout(leaf: str, value: np.ndarray) -> np.ndarray:
-    """Inverse of :func:`to_flax_layout`, for error messages and exporting."""
-    if leaf == "kernel":
-        if value.ndim == 2:
-            return value.T
-        if value.ndim == 3:
-            return value.transpose(2, 1, 0)
-    return value
-
-
 _WEIGHT_LEAVES = ("kernel", "scale", "embedding", "weight")
 
 
