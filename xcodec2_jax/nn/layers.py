@@ -7,6 +7,63 @@ import jax
 import jax.numpy as jnp
 
 
+class Conv1d(nn.Module):
+    """A torch ``Conv1d`` on (B, T, C) inputs with symmetric zero padding.
+
+    Parameters as ``flax.linen.Conv``: ``kernel`` (kernel_size, in_features // groups, features) and
+    ``bias`` (features,), float32, cast to ``dtype`` for the compute. The lowering is picked per
+    shape, measured under XLA:CPU (2 cores, full config): a 1-wide kernel is a plain matmul (the
+    convolution op is ~30% slower there); a 2- or 3-wide one is one matmul over the concatenated
+    shifted inputs (up to 1.5x faster than the convolution op on 1024 channels); wider, strided or
+    grouped kernels use ``lax.conv_general_dilated``, which is at the matmul rate for those.
+    """
+
+    features: int
+    kernel_size: int
+    stride: int = 1
+    padding: int = 0
+    dilation: int = 1
+    groups: int = 1
+    use_bias: bool = True
+    dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
+        in_features = x.shape[-1]
+        if in_features % self.groups or self.features % self.groups:
+            raise ValueError(
+                f"channels ({in_features} in, {self.features} out) must be divisible by groups ({self.groups})"
+            )
+        kernel = self.param(
+            "kernel",
+            nn.initializers.lecun_normal(),
+            (self.kernel_size, in_features // self.groups, self.features),
+            jnp.float32,
+        ).astype(self.dtype)
+        x = x.astype(self.dtype)
+        k, pad, dil = self.kernel_size, self.padding, self.dilation
+        if self.groups == 1 and self.stride == 1 and k <= 3:
+            if pad:
+                x = jnp.pad(x, ((0, 0), (pad, pad), (0, 0)))
+            n = x.shape[1] - dil * (k - 1)
+            if k > 1:
+                x = jnp.concatenate([x[:, i * dil : i * dil + n] for i in range(k)], axis=-1)
+            y = jnp.dot(x, kernel.reshape(k * in_features, self.features))
+        else:
+            y = jax.lax.conv_general_dilated(
+                x,
+                kernel,
+                (self.stride,),
+                [(pad, pad)],
+                rhs_dilation=(dil,),
+                dimension_numbers=("NWC", "WIO", "NWC"),
+                feature_group_count=self.groups,
+            )
+        if self.use_bias:
+            y = y + self.param("bias", nn.initializers.zeros, (self.features,), jnp.float32).astype(self.dtype)
+        return y
+
+
 def conv1d(
     features: int,
     kernel_size: int,
@@ -18,15 +75,15 @@ def conv1d(
     use_bias: bool = True,
     dtype=jnp.float32,
     name: str | None = None,
-) -> nn.Conv:
+) -> Conv1d:
     """A torch ``Conv1d`` with symmetric zero padding, on (B, T, C) inputs (``name`` only outside setup)."""
-    return nn.Conv(
+    return Conv1d(
         features,
-        (kernel_size,),
-        strides=(stride,),
-        padding=[(padding, padding)],
-        kernel_dilation=(dilation,),
-        feature_group_count=groups,
+        kernel_size,
+        stride=stride,
+        padding=padding,
+        dilation=dilation,
+        groups=groups,
         use_bias=use_bias,
         dtype=dtype,
         name=name,
