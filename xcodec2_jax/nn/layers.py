@@ -32,7 +32,8 @@ class Conv1d(nn.Module):
         in_features = x.shape[-1]
         if in_features % self.groups or self.features % self.groups:
             raise ValueError(
-                f"channels ({in_features} in, {self.features} out) must be divisible by groups ({self.groups})"
+                f"channels ({in_features} in, {self.features} out) must be divisible by "
+                f"groups ({self.groups})"
             )
         kernel = self.param(
             "kernel",
@@ -60,7 +61,8 @@ class Conv1d(nn.Module):
                 feature_group_count=self.groups,
             )
         if self.use_bias:
-            y = y + self.param("bias", nn.initializers.zeros, (self.features,), jnp.float32).astype(self.dtype)
+            bias = self.param("bias", nn.initializers.zeros, (self.features,), jnp.float32)
+            y = y + bias.astype(self.dtype)
         return y
 
 
