@@ -158,6 +158,7 @@ def spread_weights_(model, audio: np.ndarray, seed: int) -> None:
 def build_models(args, tmpdir: str):
     """The torch reference and our (config, params) from the same weights, through ``save_pretrained`` and
     our real loader. Returns (torch_model or None, config, params, label)."""
+    import jax
     import torch
     from transformers import Xcodec2Config as TorchConfig
     from transformers import Xcodec2Model as TorchModel
@@ -175,7 +176,10 @@ def build_models(args, tmpdir: str):
         torch_model.save_pretrained(path)
         if args.skip_torch:
             torch_model = None
-    return torch_model, Xcodec2Config.from_pretrained(path), load_params(path), label
+    # load_params returns host (numpy) arrays; a jitted call would copy them to the device on every
+    # call (about 0.4 s per full-config encode on CPU), so place them once, as Xcodec2Codec does.
+    params = jax.device_put(load_params(path))
+    return torch_model, Xcodec2Config.from_pretrained(path), params, label
 
 
 # ----------------------------------------------------------------------------------------------- audio

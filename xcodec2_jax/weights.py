@@ -356,7 +356,8 @@ def load_params(
     shapes read off the weights). Returns a nested dict of numpy arrays in host memory, cast to
     ``dtype`` if given; with ``sharding`` (one ``jax.sharding.Sharding`` for every leaf, or a tree of
     them shaped like the params), jax arrays placed accordingly, an Orbax checkpoint being read
-    straight into its shards.
+    straight into its shards. Host arrays are copied to the device on every jitted call they are
+    passed to: for repeated calls, ``jax.device_put`` them once (or pass ``sharding``).
 
     Strict: raises :class:`CheckpointMismatchError` (or, for original checkpoints with keys it
     cannot map, ``OriginalCheckpointError``) listing every offending key at once.
