@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from .config import Xcodec2Config
-from .nn.layers import GroupNorm, RMSNorm, conv1d
+from .nn.layers import GroupNorm, RMSNorm, attention, conv1d
 
 
 def _zero_padded(x: jnp.ndarray, mask: jnp.ndarray | None) -> jnp.ndarray:
@@ -63,15 +63,13 @@ class Attention(nn.Module):
             return nn.Dense(features, use_bias=cfg.attention_bias, dtype=self.dtype, name=name)
 
         # Query heads are grouped per key/value head as repeat_kv expects: head h uses kv head h // groups.
+        # Laid out (B, kv_heads, groups, N, head_dim) so the attention products batch over leading axes.
         q = proj(heads * head_dim, "q_proj")(x).reshape(b, n, kv_heads, groups, head_dim)
-        k = proj(kv_heads * head_dim, "k_proj")(x).reshape(b, n, kv_heads, head_dim)
-        v = proj(kv_heads * head_dim, "v_proj")(x).reshape(b, n, kv_heads, head_dim)
-        scores = jnp.einsum("bqkgd,bskd->bkgqs", q, k) * (head_dim**-0.5)
-        scores = scores.astype(jnp.float32)
-        if mask is not None:
-            scores = jnp.where(mask[:, None, None, None, :], scores, jnp.finfo(jnp.float32).min)
-        weights = jax.nn.softmax(scores, axis=-1).astype(self.dtype)
-        out = jnp.einsum("bkgqs,bskd->bqkgd", weights, v).reshape(b, n, heads * head_dim)
+        k = proj(kv_heads * head_dim, "k_proj")(x).reshape(b, n, kv_heads, 1, head_dim)
+        v = proj(kv_heads * head_dim, "v_proj")(x).reshape(b, n, kv_heads, 1, head_dim)
+        q, k, v = (jnp.transpose(t, (0, 2, 3, 1, 4)) for t in (q, k, v))
+        out = attention(q, k, v, scale=head_dim**-0.5, key_mask=mask)
+        out = jnp.transpose(out, (0, 3, 1, 2, 4)).reshape(b, n, heads * head_dim)
         return proj(cfg.hidden_size, "o_proj")(out)
 
 

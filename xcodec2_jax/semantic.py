@@ -14,10 +14,9 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from .config import SemanticConfig
-from .nn.layers import conv1d
+from .nn.layers import attention, conv1d
 
 __all__ = ["SemanticAdapter", "SemanticEncoder", "relative_distance_index"]
 
@@ -59,10 +58,16 @@ def _check_config(config: SemanticConfig) -> None:
     _activation(config.hidden_act)
 
 
-def relative_distance_index(length: int, left: int, right: int) -> np.ndarray:
-    """(length, length) rows into ``distance_embedding``: key - query clamped to [-left, right], + left."""
-    pos = np.arange(length)
-    return (np.clip(pos[None, :] - pos[:, None], -left, right) + left).astype(np.int32)
+def relative_distance_index(length: int, left: int, right: int, first=0, num_queries: int | None = None):
+    """Rows into ``distance_embedding``: key - query clamped to [-left, right], + left.
+
+    (num_queries, length) for queries ``first, first + 1, ...`` (default: all ``length`` of them);
+    ``first`` may be traced (a query chunk's offset inside ``attention``'s loop).
+    """
+    num_queries = length if num_queries is None else num_queries
+    queries = first + jnp.arange(num_queries, dtype=jnp.int32)
+    keys = jnp.arange(length, dtype=jnp.int32)
+    return jnp.clip(keys[None, :] - queries[:, None], -left, right) + left
 
 
 def _layer_norm(features_eps: float, name: str) -> nn.LayerNorm:
@@ -92,7 +97,7 @@ class _SelfAttention(nn.Module):
     dtype: Any = jnp.float32
 
     @nn.compact
-    def __call__(self, x, key_mask, distance_index):
+    def __call__(self, x, key_mask):
         c = self.config
         b, f, _ = x.shape
         heads, head_dim = c.num_attention_heads, c.head_dim
@@ -107,26 +112,24 @@ class _SelfAttention(nn.Module):
         # The reference scales q·k and q·E separately by head_dim**-0.5 and sums them; scaling q once
         # gives the same logits up to rounding, and bit for bit when head_dim is a power of 4 (64 here).
         q = q * jnp.asarray(head_dim**-0.5, q.dtype)
-        scores = jnp.einsum("bhqd,bhkd->bhqk", q, k)
+        bias = None
         if c.position_embeddings_type == "relative_key":
-            table = nn.Embed(
-                c.left_max_position_embeddings + c.right_max_position_embeddings + 1,
-                head_dim,
-                name="distance_embedding",
-            ).embedding.astype(self.dtype)
-            # The reference gathers a (F, F, head_dim) embedding and contracts it with q. Contracting
-            # q with the small table first and gathering the (F, F) scores gives the same dot products
-            # for far less work and memory.
-            rel = jnp.einsum("bhqd,pd->bhqp", q, table)
-            rel = jnp.take_along_axis(rel, jnp.asarray(distance_index)[None, None], axis=-1)
-            scores = scores + rel
-        scores = scores.astype(jnp.float32)
-        if key_mask is not None:
-            # The reference's bidirectional mask hides padded keys from every query, padded queries
-            # included (they still attend to the valid frames); masked logits get the dtype minimum.
-            scores = jnp.where(key_mask[:, None, None, :], scores, jnp.finfo(jnp.float32).min)
-        probs = jax.nn.softmax(scores, axis=-1).astype(self.dtype)
-        out = jnp.einsum("bhqk,bhkd->bqhd", probs, v).reshape(b, f, c.hidden_size)
+            left, right = c.left_max_position_embeddings, c.right_max_position_embeddings
+            table = nn.Embed(left + right + 1, head_dim, name="distance_embedding").embedding
+            table = table.astype(self.dtype)
+
+            def bias(q_chunk, first):
+                # The reference gathers a (F, F, head_dim) embedding and contracts it with q.
+                # Contracting q with the small table first and gathering the (F, F) scores gives
+                # the same dot products for far less work and memory.
+                rel = jnp.einsum("bhqd,pd->bhqp", q_chunk, table)
+                index = relative_distance_index(f, left, right, first, q_chunk.shape[2])
+                return jnp.take_along_axis(rel, index[None, None], axis=-1)
+
+        # The reference's bidirectional mask hides padded keys from every query, padded queries
+        # included (they still attend to the valid frames); masked logits get the float32 minimum.
+        out = attention(q, k, v, key_mask=key_mask, bias=bias)
+        out = jnp.swapaxes(out, 1, 2).reshape(b, f, c.hidden_size)
         return nn.Dense(c.hidden_size, dtype=self.dtype, name="linear_out")(out)
 
 
@@ -181,16 +184,13 @@ class _EncoderLayer(nn.Module):
     dtype: Any = jnp.float32
 
     @nn.compact
-    def __call__(self, x, frame_mask, distance_index):
+    def __call__(self, x, frame_mask):
         c = self.config
         eps = c.layer_norm_eps
         ffn1 = _FeedForward(c, c.hidden_act, self.dtype, name="ffn1")
         x = ffn1(_layer_norm(eps, "ffn1_layer_norm")(x).astype(self.dtype)) * 0.5 + x
         attn = _SelfAttention(c, self.dtype, name="self_attn")
-        x = (
-            attn(_layer_norm(eps, "self_attn_layer_norm")(x).astype(self.dtype), frame_mask, distance_index)
-            + x
-        )
+        x = attn(_layer_norm(eps, "self_attn_layer_norm")(x).astype(self.dtype), frame_mask) + x
         x = _ConvolutionModule(c, self.dtype, name="conv_module")(x, frame_mask) + x
         ffn2 = _FeedForward(c, c.hidden_act, self.dtype, name="ffn2")
         x = ffn2(_layer_norm(eps, "ffn2_layer_norm")(x).astype(self.dtype)) * 0.5 + x
@@ -217,14 +217,8 @@ class _Encoder(nn.Module):
         if frame_mask is not None:
             # The reference zeroes padded frames once, before the first layer.
             x = jnp.where(frame_mask[..., None], x, jnp.zeros((), x.dtype))
-        distance_index = None
-        if c.position_embeddings_type == "relative_key":
-            # Static (F, F) index built once per call and shared by all layers (each layer owns its table).
-            distance_index = relative_distance_index(
-                x.shape[1], c.left_max_position_embeddings, c.right_max_position_embeddings
-            )
         for i in range(c.num_hidden_layers):
-            x = _EncoderLayer(c, self.dtype, name=f"layers_{i}")(x, frame_mask, distance_index)
+            x = _EncoderLayer(c, self.dtype, name=f"layers_{i}")(x, frame_mask)
         return x
 
 

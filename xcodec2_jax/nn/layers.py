@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 
 class Conv1d(nn.Module):
@@ -132,3 +136,72 @@ class GroupNorm(nn.Module):
             var = jnp.sum(jnp.square(g - mean) * m, axis=(1, 3), keepdims=True) / count
         y = ((g - mean) * jax.lax.rsqrt(var + self.epsilon)).reshape(b, t, c)
         return y * scale + bias
+
+
+# Score bytes per query chunk above which attention is split further (see `attention`).
+_CHUNK_SCORE_BYTES = 16 * 2**20
+
+
+def _query_chunk(score_shape: tuple[int, ...]) -> int | None:
+    """Queries per chunk for `attention` on the CPU backend, or None for one piece."""
+    if jax.default_backend() != "cpu":
+        return None
+    num_queries = score_shape[-2]
+    if num_queries < 64:
+        return None
+    total = 4 * int(np.prod(score_shape))
+    chunks = max(3, -(-total // _CHUNK_SCORE_BYTES))
+    size = -(-num_queries // chunks)
+    size = -(-size // 8) * 8
+    return size if size < num_queries else None
+
+
+def attention(
+    q: jnp.ndarray,
+    k: jnp.ndarray,
+    v: jnp.ndarray,
+    *,
+    scale: float | None = None,
+    key_mask: jnp.ndarray | None = None,
+    bias: Callable[[jnp.ndarray, Any], jnp.ndarray] | None = None,
+) -> jnp.ndarray:
+    """Softmax attention over the last two axes: q (B, ..., Nq, D), k and v (B, ..., Nk, D) -> like q.
+
+    The head axes of k and v broadcast against q's (grouped key/value heads). Logits are
+    ``q·k`` (times ``scale`` if given) plus ``bias(q_chunk, first_query)`` if given, in q's dtype,
+    then float32; ``key_mask`` (B, Nk), true on valid keys, gives the others the float32 minimum.
+    Softmax in float32, the weights cast back to v's dtype.
+
+    On the CPU backend the queries are processed in a few chunks (a loop): the (Nq, Nk) score
+    matrices then stay in cache between the matmul, the softmax and the second matmul, which
+    measured 1.6-2.5x faster for the whole attention core from 300 to 1000 frames on 2 cores.
+    Each chunk's result is the same computation on fewer rows, so the output is unchanged.
+    """
+    b = q.shape[0]
+    extra = q.ndim - 3  # head axes between batch and queries
+    mask = None
+    if key_mask is not None:
+        mask = jnp.asarray(key_mask).astype(bool).reshape((b,) + (1,) * (extra + 1) + (k.shape[-2],))
+
+    def attend(qc, first):
+        scores = jnp.matmul(qc, jnp.swapaxes(k, -1, -2))
+        if scale is not None:
+            scores = scores * jnp.asarray(scale, scores.dtype)
+        if bias is not None:
+            scores = scores + bias(qc, first)
+        scores = scores.astype(jnp.float32)
+        if mask is not None:
+            scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
+        return jnp.matmul(jax.nn.softmax(scores, axis=-1).astype(v.dtype), v)
+
+    num_queries = q.shape[-2]
+    size = _query_chunk(q.shape[:-1] + (k.shape[-2],))
+    if size is None:
+        return attend(q, 0)
+    chunks = -(-num_queries // size)
+    padded = jnp.pad(q, [(0, 0)] * (q.ndim - 2) + [(0, chunks * size - num_queries), (0, 0)])
+    pieces = jnp.moveaxis(padded.reshape(q.shape[:-2] + (chunks, size, q.shape[-1])), -3, 0)
+    starts = jnp.arange(chunks, dtype=jnp.int32) * size
+    out = jax.lax.map(lambda xs: attend(*xs), (pieces, starts))
+    out = jnp.moveaxis(out, 0, -3).reshape(q.shape[:-2] + (chunks * size, out.shape[-1]))
+    return out[..., :num_queries, :]
