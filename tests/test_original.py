@@ -43,6 +43,15 @@ from xcodec2_jax.weights import convert_state_dict, load_params, read_state_dict
 
 SEGMENT = 15000  # samples: not a multiple of 320, so the original pads it (to 15040, 47 codes)
 
+# The original release's config.json (HKUSTAudio/xcodec2): almost no shapes, the rest hardcoded.
+RELEASE_CONFIG_JSON = dict(
+    semantic_hidden_size=1024,
+    codec_encoder_hidden_size=1024,
+    codec_decoder_hidden_size=1024,
+    use_vocos=True,
+    model_type="xcodec",
+)
+
 
 def _segments() -> list[np.ndarray]:
     """Equal-length pieces of the test speech (6 of them), so one compiled encode serves all."""
@@ -149,14 +158,7 @@ def test_config_from_original(original):
     assert config_from_original(config_json, shapes, num_attention_heads=ORIGINAL_SMALL["heads"]) == inferred
 
     # The release's config.json alone gives the release's hardcoded shapes = transformers' defaults.
-    release = dict(
-        semantic_hidden_size=1024,
-        codec_encoder_hidden_size=1024,
-        codec_decoder_hidden_size=1024,
-        use_vocos=True,
-        model_type="xcodec",
-    )
-    assert Xcodec2Config.from_dict(config_from_original(release)) == Xcodec2Config()
+    assert Xcodec2Config.from_dict(config_from_original(RELEASE_CONFIG_JSON)) == Xcodec2Config()
     with pytest.warns(UserWarning, match="lacks"):
         assert Xcodec2Config.from_dict(config_from_original({})) == Xcodec2Config()
     # FSQ buffers, non-persistent in the vector-quantize-pytorch the release pins, are dropped if
@@ -350,14 +352,7 @@ def test_full_size_release_layout(monkeypatch):
     shapes = {f"{name}.{k}": tuple(v.shape) for name, m in parts.items() for k, v in m.state_dict().items()}
     assert any(k.endswith("parametrizations.weight.original1") for k in shapes)
 
-    release = dict(
-        semantic_hidden_size=1024,
-        codec_encoder_hidden_size=1024,
-        codec_decoder_hidden_size=1024,
-        use_vocos=True,
-        model_type="xcodec",
-    )
-    assert Xcodec2Config.from_dict(config_from_original(release, shapes)) == Xcodec2Config()
+    assert Xcodec2Config.from_dict(config_from_original(RELEASE_CONFIG_JSON, shapes)) == Xcodec2Config()
     # Zero-stride stand-ins: the rewrite never copies a tensor except the weight-normed and qkv ones.
     converted = original_to_transformers({k: np.broadcast_to(np.float32(1), s) for k, s in shapes.items()})
     expected = {k: tuple(v.shape) for k, v in reference.state_dict().items()}

@@ -16,11 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from .config import Xcodec2Config
-from .nn.layers import GroupNorm, RMSNorm, attention, conv1d
-
-
-def _zero_padded(x: jnp.ndarray, mask: jnp.ndarray | None) -> jnp.ndarray:
-    return x if mask is None else jnp.where(mask[..., None], x, jnp.zeros((), x.dtype))
+from .nn.layers import GroupNorm, RMSNorm, attention, conv1d, zero_masked
 
 
 class ResNetBlock(nn.Module):
@@ -33,10 +29,10 @@ class ResNetBlock(nn.Module):
     def __call__(self, x: jnp.ndarray, mask: jnp.ndarray | None = None) -> jnp.ndarray:
         h = self.config.hidden_size
         y = GroupNorm(32, 1e-6, name="norm1")(x, mask)
-        y = _zero_padded(nn.silu(y).astype(self.dtype), mask)
+        y = zero_masked(nn.silu(y).astype(self.dtype), mask)
         y = conv1d(h, 3, padding=1, dtype=self.dtype, name="conv1")(y)
         y = GroupNorm(32, 1e-6, name="norm2")(y, mask)
-        y = _zero_padded(nn.silu(y).astype(self.dtype), mask)
+        y = zero_masked(nn.silu(y).astype(self.dtype), mask)
         y = conv1d(h, 3, padding=1, dtype=self.dtype, name="conv2")(y)
         return y + x
 
@@ -171,7 +167,7 @@ class Decoder(nn.Module):
         if mask is not None:
             mask = jnp.asarray(mask).astype(bool)
         x = nn.Dense(cfg.hidden_size, dtype=dtype, name="fc")(latents.astype(dtype))
-        x = conv1d(cfg.hidden_size, 7, padding=3, dtype=dtype, name="embed")(_zero_padded(x, mask))
+        x = conv1d(cfg.hidden_size, 7, padding=3, dtype=dtype, name="embed")(zero_masked(x, mask))
         for i in range(2):
             x = ResNetBlock(cfg, dtype, name=f"prior_net_{i}")(x, mask)
         for i in range(cfg.num_hidden_layers):

@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 
 from .config import SemanticConfig
-from .nn.layers import attention, conv1d
+from .nn.layers import attention, conv1d, zero_masked
 
 __all__ = ["SemanticAdapter", "SemanticEncoder", "relative_distance_index"]
 
@@ -169,8 +169,7 @@ class _ConvolutionModule(nn.Module):
         c = self.config
         h = c.hidden_size
         x = _layer_norm(c.layer_norm_eps, "layer_norm")(x).astype(self.dtype)
-        if frame_mask is not None:
-            x = jnp.where(frame_mask[..., None], x, jnp.zeros((), x.dtype))
+        x = zero_masked(x, frame_mask)
         x = conv1d(2 * h, 1, use_bias=False, dtype=self.dtype, name="pointwise_conv1")(x)
         x = x[..., :h] * jax.nn.sigmoid(x[..., h:])  # GLU over channels
         x = _CausalDepthwiseConv(c.conv_depthwise_kernel_size, h, self.dtype, name="depthwise_conv")(x)
@@ -214,9 +213,8 @@ class _Encoder(nn.Module):
     @nn.compact
     def __call__(self, x, frame_mask):
         c = self.config
-        if frame_mask is not None:
-            # The reference zeroes padded frames once, before the first layer.
-            x = jnp.where(frame_mask[..., None], x, jnp.zeros((), x.dtype))
+        # The reference zeroes padded frames once, before the first layer.
+        x = zero_masked(x, frame_mask)
         for i in range(c.num_hidden_layers):
             x = _EncoderLayer(c, self.dtype, name=f"layers_{i}")(x, frame_mask)
         return x
@@ -256,10 +254,10 @@ class SemanticAdapter(nn.Module):
         padded batch gets what it would alone (the conv's own zero padding past its end)."""
         h = self.config.hidden_size
 
+        mask = None if frame_mask is None else jnp.asarray(frame_mask).astype(bool)
+
         def conv(name, bias, v):
-            if frame_mask is not None:
-                v = jnp.where(jnp.asarray(frame_mask).astype(bool)[..., None], v, jnp.zeros((), v.dtype))
-            return conv1d(h, 3, padding=1, use_bias=bias, dtype=self.dtype, name=name)(v)
+            return conv1d(h, 3, padding=1, use_bias=bias, dtype=self.dtype, name=name)(zero_masked(v, mask))
 
         x = jax.nn.relu(conv("conv1", False, x))
         # The reference takes the residual after the first ReLU, not at the adapter's input.

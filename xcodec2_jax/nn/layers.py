@@ -11,6 +11,11 @@ import jax.numpy as jnp
 import numpy as np
 
 
+def zero_masked(x: jnp.ndarray, mask: jnp.ndarray | None) -> jnp.ndarray:
+    """x (B, T, C) with the frames where the boolean ``mask`` (B, T) is false set to zero; x if no mask."""
+    return x if mask is None else jnp.where(mask[..., None], x, jnp.zeros((), x.dtype))
+
+
 class Conv1d(nn.Module):
     """A torch ``Conv1d`` on (B, T, C) inputs with symmetric zero padding.
 
