@@ -70,13 +70,18 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--durations", type=float, nargs="+", default=[2.0, 6.0, 20.0], help="audio seconds")
     p.add_argument("--batch", type=int, nargs="+", default=[1, 4], help="batch sizes")
     p.add_argument("--stages", nargs="+", choices=STAGES, default=list(STAGES))
-    p.add_argument("--reps", type=int, default=3, help="timed repetitions after the warm-up call")
+    p.add_argument(
+        "--reps",
+        type=int,
+        default=3,
+        help="timed repetitions after the warm-up call, in rounds that alternate the implementations",
+    )
     p.add_argument(
         "--max-rep-seconds",
         type=float,
         default=150.0,
-        help="stop repeating a measurement once its timed runs exceed this many seconds (at least one "
-        "run is kept; the row records the reps done); 0 = always --reps",
+        help="stop the rounds once the slowest implementation's timed runs exceed this many seconds (at "
+        "least one round is kept; the rows record the reps done); 0 = always --reps",
     )
     p.add_argument(
         "--max-audio-seconds",

@@ -1,10 +1,16 @@
 """Timing, FLOP and memory measurement for one benchmark stage, for JAX, PyTorch and numpy callables.
 
-Each ``measure_*`` function returns a dict of row fields: ``compile_s`` (JAX: lower + compile; torch.compile:
-the first call, which compiles; eager and numpy: None), ``first_run_s``, ``times_s`` (the timed repetitions
-after the first call), ``median_s``, ``min_s``, ``reps``, ``flops``, ``flops_counter``, ``peak_mem_mb``,
-``work_mem_mb``, ``mem_method``, ``loadavg_start``/``loadavg_end`` and ``output``: the stage's result, for
-the agreement checks (dropped before the row is written).
+Measuring a stage has two steps. Each ``measure_*`` function prepares one implementation: it compiles
+(JAX), runs the warm-up call and counts FLOPs and memory, and returns a dict of row fields: ``compile_s``
+(JAX: lower + compile; torch.compile: the first call, which compiles; eager and numpy: None),
+``first_run_s``, ``flops``, ``flops_counter``, ``peak_mem_mb``, ``work_mem_mb``, ``mem_method``,
+``output`` (the stage's result, for the agreement checks; dropped before the row is written) and ``call``
+(one timed execution). Then ``time_interleaved`` times all of a stage's implementations in alternating
+rounds and adds ``times_s``, ``median_s``, ``min_s``, ``reps`` and ``loadavg_start``/``loadavg_end``.
+
+Interleaving matters on a shared or virtual machine whose speed drifts by tens of percent within minutes:
+timed one after the other, two implementations can see different machines; timed in alternation, a
+drift slows both alike and their ratio holds.
 """
 
 from __future__ import annotations
@@ -31,26 +37,37 @@ def _loadavg() -> float | None:
         return None
 
 
-def _timed_reps(call: Callable[[], Any], reps: int, max_rep_seconds: float) -> list[float]:
-    """Times ``call`` ``reps`` times; stops early (after at least one) once the timed runs exceed
-    ``max_rep_seconds`` in total, so the longest cases of a sweep stay affordable (0 = no limit)."""
-    times: list[float] = []
-    for _ in range(max(1, reps)):
-        start = time.perf_counter()
-        call()
-        times.append(time.perf_counter() - start)
-        if max_rep_seconds and sum(times) >= max_rep_seconds:
+def _time_call(call: Callable[[], Any]) -> float:
+    start = time.perf_counter()
+    call()
+    return time.perf_counter() - start
+
+
+def time_interleaved(measurements: list[dict], reps: int, max_rep_seconds: float = 0.0) -> None:
+    """Times the prepared ``measurements`` (each with its ``call``) in rounds: every round runs each
+    call once, the starting one rotating from round to round, until ``reps`` rounds are done, or
+    earlier (after at least one) once the slowest call's timed runs exceed ``max_rep_seconds`` in total,
+    so the longest cases of a sweep stay affordable (0 = no limit). Fills in each dict's timing fields
+    and removes ``call``."""
+    calls = [m.pop("call") for m in measurements]
+    times: list[list[float]] = [[] for _ in calls]
+    load_start = _loadavg()
+    for r in range(max(1, reps)):
+        for i in range(len(calls)):
+            j = (r + i) % len(calls)
+            times[j].append(_time_call(calls[j]))
+        if max_rep_seconds and max(sum(t) for t in times) >= max_rep_seconds:
             break
-    return times
-
-
-def _summary(times: list[float]) -> dict:
-    return {
-        "times_s": [round(t, 6) for t in times],
-        "median_s": statistics.median(times),
-        "min_s": min(times),
-        "reps": len(times),
-    }
+    load_end = _loadavg()
+    for m, t in zip(measurements, times, strict=True):
+        m.update(
+            times_s=[round(x, 6) for x in t],
+            median_s=statistics.median(t),
+            min_s=min(t),
+            reps=len(t),
+            loadavg_start=load_start,
+            loadavg_end=load_end,
+        )
 
 
 def jax_flops(compiled) -> float | None:
@@ -87,30 +104,26 @@ def block(tree):
     return jax.block_until_ready(tree)
 
 
-def measure_jax(fn: Callable, args: tuple, reps: int, max_rep_seconds: float = 0.0) -> dict:
+def measure_jax(fn: Callable, args: tuple) -> dict:
     """``fn`` is jitted and compiled ahead of time on ``args`` (compile time measured alone); the first
-    execution is timed apart as the warm-up, then ``reps`` executions, each until ``block_until_ready``."""
-    load_start = _loadavg()
+    execution is timed apart as the warm-up. A timed call runs until ``block_until_ready``."""
     start = time.perf_counter()
     compiled = jax.jit(fn).lower(*args).compile()
     compile_s = time.perf_counter() - start
     start = time.perf_counter()
     output = block(compiled(*args))
     first_run_s = time.perf_counter() - start
-    times = _timed_reps(lambda: block(compiled(*args)), reps, max_rep_seconds)
     peak, work = jax_memory(compiled)
     return {
         "compile_s": compile_s,
         "first_run_s": first_run_s,
-        **_summary(times),
         "flops": jax_flops(compiled),
         "flops_counter": "xla_cost_analysis",
         "peak_mem_mb": peak,
         "work_mem_mb": work,
         "mem_method": "xla_memory_analysis",
-        "loadavg_start": load_start,
-        "loadavg_end": _loadavg(),
         "output": output,
+        "call": lambda: block(compiled(*args)),
     }
 
 
@@ -177,23 +190,20 @@ def _tensor_memory_tracker_cls():
 
 def measure_torch(
     fn: Callable[[], Any],
-    reps: int,
-    max_rep_seconds: float = 0.0,
     external_tensors: list | None = None,
     compiled: bool = False,
 ) -> dict:
-    """``fn`` runs the stage on prepared inputs under ``torch.inference_mode()``. Eager: the first call
-    is the warm-up and also counts FLOPs (``FlopCounterMode``: matmul, convolution and attention ops
-    only) and peak tensor memory (``TensorMemoryTracker``; peak = the weights and inputs the call reads,
-    among ``external_tensors``, + the live-tensor high-water mark); then ``reps`` timed calls. With
-    ``compiled`` (a ``torch.compile``-d ``fn``) the first call compiles and is reported as compile_s, and
-    FLOPs and memory are counted on a second, untimed call."""
+    """``fn`` runs the stage on prepared inputs under ``torch.inference_mode()``, timed calls too. Eager:
+    the first call is the warm-up and also counts FLOPs (``FlopCounterMode``: matmul, convolution and
+    attention ops only) and peak tensor memory (``TensorMemoryTracker``; peak = the weights and inputs
+    the call reads, among ``external_tensors``, + the live-tensor high-water mark). With ``compiled`` (a
+    ``torch.compile``-d ``fn``) the first call compiles and is reported as compile_s, and FLOPs and
+    memory are counted on a second, untimed call."""
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
     tracker_cls = _tensor_memory_tracker_cls()
     external = list(external_tensors or [])
-    load_start = _loadavg()
     compile_s = None
     with torch.inference_mode():
         if compiled:
@@ -205,50 +215,46 @@ def measure_torch(
         with counter, tracker:
             output = fn()
         first_run_s = time.perf_counter() - start
-        times = _timed_reps(fn, reps, max_rep_seconds)
     flops = float(counter.get_total_flops())
+
+    def call():
+        with torch.inference_mode():
+            fn()
+
     return {
         "compile_s": compile_s,
         # The warm-up call runs under the FLOP counter and memory tracker (Python dispatch per op); an
         # upper bound on the plain first call.
         "first_run_s": first_run_s,
-        **_summary(times),
         "flops": flops if flops > 0 else None,
         "flops_counter": "torch_flop_counter",
         "peak_mem_mb": (tracker.used_external_bytes + tracker.peak) / MB,
         "work_mem_mb": tracker.peak / MB,
         "mem_method": "torch_dispatch_live_tensors",
-        "loadavg_start": load_start,
-        "loadavg_end": _loadavg(),
         "output": output,
+        "call": call,
     }
 
 
-def measure_numpy(
-    fn: Callable[[], Any], reps: int, max_rep_seconds: float = 0.0, input_bytes: int = 0
-) -> dict:
+def measure_numpy(fn: Callable[[], Any], input_bytes: int = 0) -> dict:
     """A numpy callable: the first call is the warm-up and measures the allocation high-water mark with
-    ``tracemalloc`` (numpy reports its buffers to it); then ``reps`` timed calls without tracing."""
-    load_start = _loadavg()
+    ``tracemalloc`` (numpy reports its buffers to it); timed calls run without tracing."""
     tracemalloc.start()
     start = time.perf_counter()
     output = fn()
     first_run_s = time.perf_counter() - start
     _, peak = tracemalloc.get_traced_memory()
     tracemalloc.stop()
-    times = _timed_reps(fn, reps, max_rep_seconds)
     return {
         "compile_s": None,
         "first_run_s": first_run_s,
-        **_summary(times),
         "flops": None,
         "flops_counter": None,
         "peak_mem_mb": (input_bytes + peak) / MB,
         "work_mem_mb": peak / MB,
         "mem_method": "tracemalloc",
-        "loadavg_start": load_start,
-        "loadavg_end": _loadavg(),
         "output": output,
+        "call": fn,
     }
 
 
@@ -261,11 +267,11 @@ def matmul_peak(size: int = 2048, reps: int = 5) -> dict:
     a = jax.device_put(np.random.default_rng(0).standard_normal((size, size), np.float32))
     f = jax.jit(lambda x: x @ x).lower(a).compile()
     block(f(a))
-    jax_best = min(_timed_reps(lambda: block(f(a)), reps, 0.0))
+    jax_best = min(_time_call(lambda: block(f(a))) for _ in range(reps))
     t = torch.from_numpy(np.array(a))
     with torch.inference_mode():
         t @ t
-        torch_best = min(_timed_reps(lambda: t @ t, reps, 0.0))
+        torch_best = min(_time_call(lambda: t @ t) for _ in range(reps))
     return {
         "jax_matmul_gflop_per_s": round(flops / jax_best / 1e9, 1),
         "torch_matmul_gflop_per_s": round(flops / torch_best / 1e9, 1),

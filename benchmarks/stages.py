@@ -29,6 +29,11 @@ def _model_tensors(model) -> list:
     return list(model.parameters()) + list(model.buffers())
 
 
+def _time(ctx, rows: list) -> None:
+    """Times the stage's prepared implementations in alternating rounds (see ``measure.time_interleaved``)."""
+    measure.time_interleaved([m for _, m in rows], ctx.args.reps, ctx.args.max_rep_seconds)
+
+
 def run_encode(ctx, case, dtype_name: str) -> list[dict]:
     import jax
     import jax.numpy as jnp
@@ -54,7 +59,7 @@ def run_encode(ctx, case, dtype_name: str) -> list[dict]:
             jax.device_put(feats[k])
             for k in ("input_values", "input_features", "padding_mask", "input_features_mask")
         )
-        m = measure.measure_jax(encode, args, ctx.args.reps, ctx.args.max_rep_seconds)
+        m = measure.measure_jax(encode, args)
         outputs["jax"] = np.asarray(m["output"])
         rows.append(("jax", m))
     for impl, model in ctx.torch_models(dtype_name):
@@ -65,13 +70,12 @@ def run_encode(ctx, case, dtype_name: str) -> list[dict]:
             fn = model.encode
         m = measure.measure_torch(
             lambda fn=fn, t_in=t_in: fn(**t_in).audio_codes,
-            ctx.args.reps,
-            ctx.args.max_rep_seconds,
             external_tensors=_model_tensors(model) + list(t_in.values()),
             compiled=impl == "torch-compile",
         )
         outputs[impl] = m["output"].numpy().astype(np.int32)
         rows.append((impl, m))
+    _time(ctx, rows)
 
     # Agreement with the float32 torch reference of this case (the same dtype's torch run if none).
     reference = case.setdefault("ref_codes", outputs.get("torch") if dtype_name == "float32" else None)
@@ -99,9 +103,7 @@ def run_decode(ctx, case, dtype_name: str) -> list[dict]:
         def decode(params, audio_codes):
             return model.apply({"params": params}, audio_codes, method=Xcodec2Model.decode).audio_values
 
-        m = measure.measure_jax(
-            decode, (ctx.params, jax.device_put(codes)), ctx.args.reps, ctx.args.max_rep_seconds
-        )
+        m = measure.measure_jax(decode, (ctx.params, jax.device_put(codes)))
         outputs["jax"] = np.asarray(m["output"], np.float32)
         rows.append(("jax", m))
     for impl, model in ctx.torch_models(dtype_name):
@@ -109,13 +111,12 @@ def run_decode(ctx, case, dtype_name: str) -> list[dict]:
         fn = ctx.compiled(model.decode) if impl == "torch-compile" else model.decode
         m = measure.measure_torch(
             lambda fn=fn, t_codes=t_codes: fn(audio_codes=t_codes).audio_values,
-            ctx.args.reps,
-            ctx.args.max_rep_seconds,
             external_tensors=_model_tensors(model) + [t_codes],
             compiled=impl == "torch-compile",
         )
         outputs[impl] = m["output"].float().numpy()
         rows.append((impl, m))
+    _time(ctx, rows)
 
     reference = case.setdefault("ref_audio", outputs.get("torch") if dtype_name == "float32" else None)
     if reference is None:
@@ -169,30 +170,19 @@ def run_features(ctx, case, dtype_name: str) -> list[dict]:
     input_bytes = sum(a.nbytes for a in audio)
     rows = []
     extractor = Xcodec2FeatureExtractor()
-    m = measure.measure_numpy(
-        lambda: extractor(audio, sampling_rate=SAMPLING_RATE),
-        ctx.args.reps,
-        ctx.args.max_rep_seconds,
-        input_bytes,
-    )
+    m = measure.measure_numpy(lambda: extractor(audio, sampling_rate=SAMPLING_RATE), input_bytes)
     m["output"] = m["output"]["input_features"]
     rows.append(("numpy", m))
     if not ctx.args.skip_jax:
         padded = jax.device_put(feats["input_values"][:, 0])
         lengths = jax.device_put(feats["padding_mask"].sum(-1).astype(np.int32))
-        m = measure.measure_jax(
-            lambda x, n: fbank_features_jax(x, n)[0],
-            (padded, lengths),
-            ctx.args.reps,
-            ctx.args.max_rep_seconds,
-        )
+        m = measure.measure_jax(lambda x, n: fbank_features_jax(x, n)[0], (padded, lengths))
         rows.append(("jax", m))
     if not ctx.args.skip_torch:
         hf_fn = _hf_extractor_fn(feats["input_values"], feats["padding_mask"])
-        m = measure.measure_numpy(
-            hf_fn, ctx.args.reps, ctx.args.max_rep_seconds, feats["input_values"].nbytes
-        )
+        m = measure.measure_numpy(hf_fn, feats["input_values"].nbytes)
         rows.append(("hf-numpy", m))
+    _time(ctx, rows)
     for _, m in rows:
         out = np.asarray(m["output"])
         if out.shape == expected.shape:

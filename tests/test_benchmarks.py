@@ -91,3 +91,24 @@ def test_report_regenerates_readme_block(results, tmp_path):
     assert "| tiny | float32 | 1 s × 1 | encode |" in block
     assert "hf-numpy" in block and "codes 100.00%" in block
     assert (tmp_path / "results.png").stat().st_size > 0
+
+
+def test_time_interleaved_alternates_and_stops():
+    from benchmarks import measure
+
+    order = []
+    a = {"call": lambda: order.append("a")}
+    b = {"call": lambda: order.append("b")}
+    c = {"call": lambda: order.append("c")}
+    measure.time_interleaved([a, b, c], reps=4)
+    # Every round runs each implementation once, the first one rotating: abc, bca, cab, abc.
+    assert order == list("abcbcacababc")
+    for m in (a, b, c):
+        assert "call" not in m and m["reps"] == 4 and len(m["times_s"]) == 4
+        assert m["min_s"] <= m["median_s"] and m["min_s"] >= 0
+
+    # The rounds stop once the slowest call's timed runs pass max_rep_seconds (one round at least).
+    slow = {"call": lambda: __import__("time").sleep(0.02)}
+    fast = {"call": lambda: None}
+    measure.time_interleaved([fast, slow], reps=50, max_rep_seconds=0.05)
+    assert fast["reps"] == slow["reps"] and 2 <= slow["reps"] <= 3
