@@ -258,17 +258,23 @@ def measure_numpy(fn: Callable[[], Any], input_bytes: int = 0) -> dict:
     }
 
 
+def matmul_probe(size: int = 2048) -> tuple[Callable[[], Any], float]:
+    """A compiled, warmed-up float32 ``size``² matmul in JAX: (call, FLOPs). Timed among a stage's
+    rounds it gives the machine's matmul rate while that stage was measured."""
+    a = jax.device_put(np.random.default_rng(0).standard_normal((size, size), np.float32))
+    f = jax.jit(lambda x: x @ x).lower(a).compile()
+    block(f(a))
+    return (lambda: block(f(a))), 2.0 * size**3
+
+
 def matmul_peak(size: int = 2048, reps: int = 5) -> dict:
     """Achieved float32 GFLOP/s of one square matmul in JAX and in torch: a practical ceiling for
     this machine (best of ``reps``)."""
     import torch
 
-    flops = 2.0 * size**3
-    a = jax.device_put(np.random.default_rng(0).standard_normal((size, size), np.float32))
-    f = jax.jit(lambda x: x @ x).lower(a).compile()
-    block(f(a))
-    jax_best = min(_time_call(lambda: block(f(a))) for _ in range(reps))
-    t = torch.from_numpy(np.array(a))
+    call, flops = matmul_probe(size)
+    jax_best = min(_time_call(call) for _ in range(reps))
+    t = torch.randn(size, size)
     with torch.inference_mode():
         t @ t
         torch_best = min(_time_call(lambda: t @ t) for _ in range(reps))

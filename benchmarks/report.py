@@ -182,6 +182,8 @@ def detail_table(rows: list[dict], peak_gflops: float) -> str:
         "GFLOP (own counter)",
         "GFLOP/s",
         "% of floor",
+        "matmul GFLOP/s during",
+        "% of floor then",
         "peak MB",
         "working MB",
         "load",
@@ -189,14 +191,19 @@ def detail_table(rows: list[dict], peak_gflops: float) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for row in sorted(rows, key=_sort_key):
         floor = floors.get(tuple(row[k] for k in KEY[:-1]))
-        pct = None
+        pct = pct_then = None
+        probe = row.get("probe_matmul_gflop_per_s")
         if floor and row["median_s"] > 0:
             pct = 100.0 * floor[0] / (peak_gflops * 1e9) / row["median_s"]
+            if probe:
+                pct_then = 100.0 * floor[0] / (probe * 1e9) / row["median_s"]
         flop_cell = "–"
         if row.get("gflops"):
             tag = "xla" if row.get("flops_counter") == "xla_cost_analysis" else "torch"
             flop_cell = f"{_num(row['gflops'])} ({tag})"
-        pct_cell = "–" if pct is None else f"{pct:.1f}%" + ("" if floor[1] == "torch_flop_counter" else " †")
+        mark = "" if not floor or floor[1] == "torch_flop_counter" else " †"
+        pct_cell = "–" if pct is None else f"{pct:.1f}%{mark}"
+        pct_then_cell = "–" if pct_then is None else f"{pct_then:.1f}%{mark}"
         loads = [row.get("loadavg_start"), row.get("loadavg_end")]
         cells = [
             row["config"],
@@ -212,6 +219,8 @@ def detail_table(rows: list[dict], peak_gflops: float) -> str:
             flop_cell,
             _num(row.get("gflop_per_s")),
             pct_cell,
+            _num(probe),
+            pct_then_cell,
             _num(row.get("peak_mem_mb"), 1),
             _num(row.get("work_mem_mb"), 1),
             "–".join(f"{x:.1f}" for x in loads if x is not None),
@@ -308,7 +317,9 @@ def render(rows: list[dict], peak_gflops: float, plot_name: str | None, results_
         "GFLOP: each implementation's own count (xla: `cost_analysis()`, all ops; torch: "
         f"`FlopCounterMode`, matmul/conv/attention only). % of floor = (FLOPs / {peak_gflops:g} GFLOP/s) / "
         "median time, with the torch count as FLOPs for both implementations († where only the XLA count "
-        "exists). Peak MB: weights + inputs + working memory; working MB: XLA temporaries + outputs "
+        "exists). Matmul GFLOP/s during: the median rate of a 2048² float32 JAX matmul timed in the same "
+        "alternating rounds as the stage (the machine's speed at the time); % of floor then: the floor at "
+        "that rate. Peak MB: weights + inputs + working memory; working MB: XLA temporaries + outputs "
         "(`memory_analysis()`), torch live tensors created during the call, numpy `tracemalloc` peak. "
         "First run: the warm-up call (torch: under the FLOP counter and memory tracker).",
         "",

@@ -30,8 +30,15 @@ def _model_tensors(model) -> list:
 
 
 def _time(ctx, rows: list) -> None:
-    """Times the stage's prepared implementations in alternating rounds (see ``measure.time_interleaved``)."""
-    measure.time_interleaved([m for _, m in rows], ctx.args.reps, ctx.args.max_rep_seconds)
+    """Times the stage's prepared implementations in alternating rounds (see ``measure.time_interleaved``),
+    with a JAX matmul in every round: its median rate, stored in each row as ``probe_matmul_gflop_per_s``,
+    is the machine's speed while the stage ran, against which the report also places the FLOP floor."""
+    call, flops = ctx.matmul_probe()
+    probe = {"call": call}
+    measure.time_interleaved([m for _, m in rows] + [probe], ctx.args.reps, ctx.args.max_rep_seconds)
+    rate = round(flops / probe["median_s"] / 1e9, 1)
+    for _, m in rows:
+        m["probe_matmul_gflop_per_s"] = rate
 
 
 def run_encode(ctx, case, dtype_name: str) -> list[dict]:
@@ -197,6 +204,13 @@ class Context:
     def __init__(self, args, torch_model, config, params):
         self.args, self.config, self.params = args, config, params
         self._torch = {"float32": torch_model}
+        self._probe = None
+
+    def matmul_probe(self):
+        """The (call, FLOPs) of ``measure.matmul_probe``, compiled once."""
+        if self._probe is None:
+            self._probe = measure.matmul_probe()
+        return self._probe
 
     def torch_dtype(self, dtype_name):
         import torch

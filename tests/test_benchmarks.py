@@ -39,6 +39,7 @@ FIELDS = {
     "reps",
     "loadavg_start",
     "loadavg_end",
+    "probe_matmul_gflop_per_s",
 }
 
 
@@ -67,7 +68,7 @@ def test_rows_have_fields_and_positive_times(results):
         assert FIELDS <= set(r), FIELDS - set(r)
         assert r["config"] == "tiny" and r["dtype"] == "float32" and r["duration_s"] == 1 and r["batch"] == 1
         assert r["reps"] == 1 and r["median_s"] > 0 and r["first_run_s"] > 0 and r["rtf"] > 0
-        assert r["peak_mem_mb"] > 0
+        assert r["peak_mem_mb"] > 0 and r["probe_matmul_gflop_per_s"] > 0
         assert {"jax", "jaxlib", "flax", "torch", "transformers"} <= set(r["versions"])
         assert r["device"]["jax_platform"] and r["device"]["cpu_model"]
         if r["impl"] == "jax":
@@ -89,7 +90,7 @@ def test_report_regenerates_readme_block(results, tmp_path):
     assert after.startswith(head) and after.endswith(tail)
     block = after.split(report.START)[1].split(report.END)[0]
     assert "| tiny | float32 | 1 s × 1 | encode |" in block
-    assert "hf-numpy" in block and "codes 100.00%" in block
+    assert "hf-numpy" in block and "codes 100.00%" in block and "matmul GFLOP/s during" in block
     assert (tmp_path / "results.png").stat().st_size > 0
 
 
