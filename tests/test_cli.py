@@ -13,7 +13,14 @@ import pytest
 import soundfile as sf
 from conftest import speech_files
 
-from xcodec2_jax.cli import main
+from xcodec2_jax import cache
+from xcodec2_jax.cli import build_parser, main
+
+
+@pytest.fixture(autouse=True)
+def _no_compilation_cache(monkeypatch):
+    """In-process runs leave the user's cache folder alone (tests/test_cache.py runs it in children)."""
+    monkeypatch.setenv(cache.ENV_VAR, "off")
 
 
 @pytest.fixture()
@@ -109,3 +116,13 @@ def test_missing_model_is_one_line(tmp_path, capsys, monkeypatch, wav_dir):
 def test_python_dash_m_runs_the_cli():
     result = subprocess.run([sys.executable, "-m", "xcodec2_jax", "--help"], capture_output=True, text=True)
     assert result.returncode == 0 and "encode" in result.stdout and "roundtrip" in result.stdout
+
+
+def test_cache_flags():
+    parse = build_parser().parse_args
+    args = parse(["encode", "a.wav", "-o", "out"])
+    assert args.cache_dir is None and not args.no_cache
+    assert parse(["encode", "a.wav", "-o", "out", "--cache-dir", "/tmp/c"]).cache_dir == "/tmp/c"
+    assert parse(["decode", "a.npy", "-o", "out", "--no-cache"]).no_cache
+    with pytest.raises(SystemExit):
+        parse(["roundtrip", "a.wav", "b.wav", "--no-cache", "--cache-dir", "/tmp/c"])

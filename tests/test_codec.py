@@ -15,7 +15,7 @@ from xcodec2_jax.codec import batch_bucket, length_bucket, to_mono_float32
 
 @pytest.fixture(scope="module")
 def codec(small_ref):
-    return Xcodec2Codec.from_pretrained(small_ref.path, batch_size=4)
+    return Xcodec2Codec.from_pretrained(small_ref.path, batch_size=4, compilation_cache=False)
 
 
 def _model_codes_alone(small_ref, audio):

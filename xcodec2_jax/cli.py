@@ -114,7 +114,12 @@ def _load_codec(args):
 
     dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[args.dtype]
     try:
-        return Xcodec2Codec.from_pretrained(args.model, dtype=dtype, batch_size=args.batch_size)
+        return Xcodec2Codec.from_pretrained(
+            args.model,
+            dtype=dtype,
+            batch_size=args.batch_size,
+            compilation_cache=False if args.no_cache else args.cache_dir,
+        )
     except (OSError, ValueError) as e:
         raise ModelLoadError(str(e)) from e
 
@@ -202,6 +207,19 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument("--batch-size", type=int, default=8, help="items per batch (default 8)")
     common.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="compute dtype")
     common.add_argument("--overwrite", action="store_true", help="replace existing outputs")
+    cache = common.add_mutually_exclusive_group()
+    cache.add_argument(
+        "--cache-dir",
+        metavar="DIR",
+        help="JAX compilation cache folder, so later runs of the same shapes compile nothing (default "
+        "$XCODEC2_JAX_CACHE_DIR, else $XDG_CACHE_HOME/xcodec2_jax/jax; a folder JAX is already "
+        "configured with, e.g. by JAX_COMPILATION_CACHE_DIR, is kept)",
+    )
+    cache.add_argument(
+        "--no-cache",
+        action="store_true",
+        help="no compilation cache (as XCODEC2_JAX_CACHE_DIR=off): compile in every run, write nothing",
+    )
 
     parser = argparse.ArgumentParser(prog="xcodec2-jax", description="X-Codec2 speech codec in JAX.")
     sub = parser.add_subparsers(dest="command", required=True)

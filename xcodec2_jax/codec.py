@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from .cache import enable_compilation_cache
 from .config import Xcodec2Config
 from .features import Xcodec2FeatureExtractor
 from .model import Xcodec2Model, validate_codes
@@ -137,9 +138,20 @@ def _resolve_checkpoint(path_or_repo_id: str, revision: str | None, cache_dir: s
 class Xcodec2Codec:
     """The high-level X-Codec2 codec. ``encode`` audio to codes and ``decode`` codes to 16 kHz audio."""
 
-    def __init__(self, config: Xcodec2Config, params: Any, *, dtype: Any = jnp.float32, batch_size: int = 8):
+    def __init__(
+        self,
+        config: Xcodec2Config,
+        params: Any,
+        *,
+        dtype: Any = jnp.float32,
+        batch_size: int = 8,
+        compilation_cache: str | os.PathLike | bool | None = None,
+    ):
+        """``compilation_cache``: see :mod:`xcodec2_jax.cache` (None: JAX's persistent cache on, in the
+        per-user folder; False: off; or a directory)."""
         if not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+        self.compilation_cache_dir = enable_compilation_cache(compilation_cache)
         self.config = config
         self.dtype = dtype
         self.batch_size = batch_size
@@ -170,12 +182,22 @@ class Xcodec2Codec:
         batch_size: int = 8,
         revision: str | None = None,
         cache_dir: str | None = None,
+        compilation_cache: str | os.PathLike | bool | None = None,
     ) -> Xcodec2Codec:
         """Load a checkpoint directory (transformers or original format, ``config.json`` + safetensors)
-        or download a Hugging Face Hub repo (needs the ``hub`` extra)."""
+        or download a Hugging Face Hub repo (needs the ``hub`` extra). ``cache_dir`` is the Hub's
+        download folder; ``compilation_cache`` JAX's (see ``__init__``)."""
         path = _resolve_checkpoint(os.fspath(path_or_repo_id), revision, cache_dir)
+        # On before loading: the loader may compile too.
+        enable_compilation_cache(compilation_cache)
         config, params = load_checkpoint(path)
-        return cls(config, params, dtype=dtype, batch_size=batch_size)
+        return cls(
+            config,
+            params,
+            dtype=dtype,
+            batch_size=batch_size,
+            compilation_cache=compilation_cache,
+        )
 
     @property
     def sampling_rate(self) -> int:
