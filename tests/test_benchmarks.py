@@ -113,3 +113,39 @@ def test_time_interleaved_alternates_and_stops():
     fast = {"call": lambda: None}
     measure.time_interleaved([fast, slow], reps=50, max_rep_seconds=0.05)
     assert fast["reps"] == slow["reps"] and 2 <= slow["reps"] <= 3
+
+
+def test_bench_cli_rows_and_codes(tmp_path):
+    """bench_cli on the tiny model, one round: fresh-process CLI (cold and warm compilation cache) and
+    the torch script, then the in-process codec vs the reference; every run's codes equal torch's."""
+    from benchmarks import bench_cli
+
+    out = tmp_path / "cli.jsonl"
+    argv = "--config tiny --duration 2 --rounds 1 --reps 1 --no-warmup --codec-cache warm --quiet --out"
+    assert bench_cli.main(argv.split() + [str(out)]) == 0
+    rows = {(r["stage"], r["impl"]): r for r in map(json.loads, out.read_text().splitlines())}
+    assert set(rows) == {
+        ("cli_encode_cold", "jax"),
+        ("cli_encode_cold", "torch"),
+        ("cli_encode_warm", "jax"),
+        ("cli_encode_warm", "torch"),
+        ("cli_encode", "extractor-import"),
+        ("codec_encode", "jax"),
+        ("codec_encode", "torch"),
+    }
+    for r in rows.values():
+        assert {"device", "versions", "config", "duration_s", "median_s", "times_s", "reps", "rtf"} <= set(r)
+        assert r["config"] == "tiny" and r["reps"] == 1 and r["median_s"] > 0
+    for stage in ("cli_encode_cold", "cli_encode_warm"):
+        ours, ref = rows[stage, "jax"], rows[stage, "torch"]
+        assert ours["max_rss_mb"] > 0 and ref["max_rss_mb"] > 0
+        assert ours["time_ratio_vs_torch"] == ours["median_s"] / ref["median_s"]
+        assert ours["rss_ratio_vs_torch"] == ours["max_rss_mb"] / ref["max_rss_mb"]
+        assert ours["codes_agreement"] == 1.0 and ours["num_codes"] == 101 and ours["distinct_codes"] > 1
+        assert ours["cache_files"] > 0
+    # The warm run's RSS is its own (not the benchmark process's, which holds torch and JAX).
+    assert rows["cli_encode", "extractor-import"]["max_rss_mb"] < rows["cli_encode_warm", "jax"]["max_rss_mb"]
+    codec = rows["codec_encode", "jax"]
+    assert codec["codes_agreement"] == 1.0 and codec["load_s"] > 0 and codec["first_run_s"] > 0
+    assert codec["speedup_vs_torch"] > 0 and codec["compilation_cache_dir"]
+    assert rows["codec_encode", "torch"]["load_s"] > 0
