@@ -18,7 +18,13 @@ from collections.abc import Sequence
 import jax
 import numpy as np
 
-from xcodec2_jax.weights import load_checkpoint, read_state_dict, save_orbax
+from xcodec2_jax.checkpoint import (
+    detect_format,
+    load_checkpoint,
+    original_to_transformers,
+    read_state_dict,
+    save_orbax,
+)
 
 
 def torch_reference(src: str, config):
@@ -27,10 +33,8 @@ def torch_reference(src: str, config):
     from transformers import Xcodec2Config as TorchConfig
     from transformers import Xcodec2Model as TorchModel
 
-    from xcodec2_jax.original import is_original_format, original_to_transformers
-
     state = read_state_dict(src)
-    if is_original_format(state):
+    if detect_format(src) == "original":
         state = original_to_transformers(state)
     model = TorchModel(TorchConfig(**config.to_dict())).eval()
     result = model.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in state.items()}, strict=False)

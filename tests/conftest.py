@@ -115,7 +115,7 @@ class Reference:
     @property
     def params(self):
         if self._params is None:
-            from xcodec2_jax.weights import load_params
+            from xcodec2_jax import load_params
 
             self._params = load_params(self.path)
         return self._params

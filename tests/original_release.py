@@ -258,11 +258,25 @@ def legacy_weight_norm_copy(model, shape: dict = ORIGINAL_SMALL):
     return legacy
 
 
-def save_original(model, path: str) -> None:
-    """The model's full state dict (all 24 w2v-BERT layers, buffers included) as safetensors."""
+def save_original(model, path: str, snake: str = "bias") -> None:
+    """The model's full state dict (all 24 w2v-BERT layers, buffers included) as safetensors.
+
+    ``snake="bias"`` keeps SnakeBeta's log-magnitude under the 0.1.5 code's own name
+    (``act.bias``); ``snake="beta"`` renames it ``act.beta``, as in the Hub's ``model.safetensors``
+    (transformers' converter passes ``act.beta`` through to its ``SnakeBeta.beta`` unchanged). With
+    :func:`legacy_weight_norm_copy` (``weight_g``/``weight_v``) and ``snake="beta"`` this is the Hub
+    file's layout.
+    """
     from safetensors.torch import save_file
 
-    save_file({k: v.detach().contiguous() for k, v in model.state_dict().items()}, path)
+    if snake not in ("bias", "beta"):
+        raise ValueError(f"snake must be 'bias' or 'beta', got {snake!r}")
+    state = {}
+    for k, v in model.state_dict().items():
+        if snake == "beta" and k.endswith(".act.bias"):
+            k = k[: -len("bias")] + "beta"
+        state[k] = v.detach().contiguous()
+    save_file(state, path)
 
 
 def original_encode(model, audio: np.ndarray):

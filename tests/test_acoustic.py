@@ -15,7 +15,7 @@ TorchConfig = pytest.importorskip("transformers.models.xcodec2.configuration_xco
 from xcodec2_jax.acoustic import AcousticEncoder  # noqa: E402
 from xcodec2_jax.config import Xcodec2Config  # noqa: E402
 from xcodec2_jax.nn import activations as act  # noqa: E402
-from xcodec2_jax.weights import convert_state_dict  # noqa: E402
+from xcodec2_jax.checkpoint import convert_state_dict  # noqa: E402
 
 LENGTHS = [1, 3, 6, 7, 13, 1001]
 SMALL = dict(

@@ -14,7 +14,7 @@ from original_release import build_original, save_original
 
 from convert.convert import main
 from xcodec2_jax import Xcodec2Codec, load_params
-from xcodec2_jax.weights import CheckpointMismatchError, is_orbax_checkpoint, save_orbax
+from xcodec2_jax.checkpoint import CheckpointMismatchError, is_orbax_checkpoint, save_orbax
 
 
 def _same_tree(a, b) -> bool:

@@ -11,7 +11,7 @@ from conftest import rel_err
 
 from xcodec2_jax import Xcodec2Config, Xcodec2Model
 from xcodec2_jax.decoder import Decoder
-from xcodec2_jax.weights import convert_state_dict
+from xcodec2_jax.checkpoint import convert_state_dict
 
 
 def _decode_fn(config):

@@ -1,9 +1,11 @@
 """Original-release checkpoints (``HKUSTAudio/xcodec2``, PyPI ``xcodec2``) against the original code itself.
 
 The original modules (vendored in ``tests/_original_xcodec2``, built small and random by
-``original_release.py``, with a 24-layer w2v-BERT) save their state dict in both weight-norm layouts;
-``original_to_transformers`` + ``convert_state_dict`` load it, and our model must reproduce the
-original's own ``encode_code``/``decode_code``: codes 100% equal, audio within 1e-4 of peak.
+``original_release.py``, with a 24-layer w2v-BERT) save their state dict in the four layouts a user
+may hold: weight norm as ``weight_g``/``weight_v`` or ``parametrizations.weight.original0/1``, times
+SnakeBeta's log-magnitude as ``act.beta`` (the Hub's file) or ``act.bias`` (the 0.1.5 code). The real
+loader reads each file, and our model must reproduce the original's own ``encode_code``/
+``decode_code``: codes 100% equal, audio within 1e-4 of peak.
 """
 
 from __future__ import annotations
@@ -29,17 +31,22 @@ from original_release import (
     xcodec2_config_kwargs,
 )
 
-from xcodec2_jax import Xcodec2FeatureExtractor
-from xcodec2_jax.config import Xcodec2Config
-from xcodec2_jax.original import (
+from xcodec2_jax import Xcodec2FeatureExtractor, load_checkpoint
+from xcodec2_jax.checkpoint import (
     OriginalCheckpointError,
+    checkpoint_index,
     config_from_original,
+    convert_state_dict,
+    detect_format,
     fold_weight_norm,
-    is_original_config,
-    is_original_format,
+    load_params,
     original_to_transformers,
+    read_state_dict,
+    save_orbax,
 )
-from xcodec2_jax.weights import convert_state_dict, load_params, read_state_dict
+from xcodec2_jax.checkpoint.original import _WN_SUFFIXES, PATTERNS, is_original_format, match_key
+from xcodec2_jax.config import Xcodec2Config, is_original_config
+from xcodec2_jax.model import checkpoint_shapes, stack_layers
 
 SEGMENT = 15000  # samples: not a multiple of 320, so the original pads it (to 15040, 47 codes)
 
@@ -58,17 +65,28 @@ def _segments() -> list[np.ndarray]:
     return [a[s : s + SEGMENT] for a in load_speech() for s in range(0, len(a) - SEGMENT + 1, 25000)]
 
 
+# (weight-norm layout, SnakeBeta name): the Hub's file, the 0.1.5 code's modules, and the two mixes.
+LAYOUTS = {
+    "hub": ("weight_g", "beta"),
+    "0.1.5": ("parametrizations", "bias"),
+    "weight_g+bias": ("weight_g", "bias"),
+    "parametrizations+beta": ("parametrizations", "beta"),
+}
+
+
 @pytest.fixture(scope="module")
 def original(tmp_path_factory):
-    """The original model, its checkpoint in both weight-norm layouts, and its own outputs."""
+    """The original model, its checkpoint in every layout, and its own outputs."""
     model = build_original(seed=0)
+    legacy = legacy_weight_norm_copy(model)
     root = tmp_path_factory.mktemp("original")
     paths = {}
-    for layout, m in (("parametrizations", model), ("weight_g", legacy_weight_norm_copy(model))):
-        paths[layout] = str(root / layout)
-        os.makedirs(paths[layout])
-        save_original(m, os.path.join(paths[layout], "model.safetensors"))
-        with open(os.path.join(paths[layout], "config.json"), "w", encoding="utf-8") as f:
+    for name, (weight_norm, snake) in LAYOUTS.items():
+        paths[name] = str(root / name)
+        os.makedirs(paths[name])
+        m = legacy if weight_norm == "weight_g" else model
+        save_original(m, os.path.join(paths[name], "model.safetensors"), snake=snake)
+        with open(os.path.join(paths[name], "config.json"), "w", encoding="utf-8") as f:
             json.dump(model.config.to_dict(), f)
 
     segments = _segments()
@@ -94,13 +112,34 @@ def _small_config() -> Xcodec2Config:
 # Format detection, weight norm, strictness, config
 
 
+def test_layouts_are_what_they_claim(original):
+    for name, (weight_norm, snake) in LAYOUTS.items():
+        keys = set(checkpoint_index(original["paths"][name]))
+        wn = {s for k in keys for s in _WN_SUFFIXES if k.endswith(s)}
+        assert wn == (
+            {".weight_g", ".weight_v"}
+            if weight_norm == "weight_g"
+            else set(_WN_SUFFIXES) - {".weight_g", ".weight_v"}
+        )
+        acts = {k.rsplit(".", 1)[1] for k in keys if ".act." in k}
+        assert acts == {"alpha", snake}, name
+        # Per encoder block: 3 residual units of 2 SnakeBetas, and 1 before the strided conv; 1 at the end.
+        assert sum(k.endswith(f".act.{snake}") for k in keys) == 7 * len(ORIGINAL_SMALL["up_ratios"]) + 1
+
+
 def test_detects_original_format(original):
-    state = read_state_dict(original["paths"]["weight_g"])
+    for path in original["paths"].values():
+        assert detect_format(path) == "original"
+    state = read_state_dict(original["paths"]["hub"])
     assert is_original_format(state)
     assert not is_original_format(original_to_transformers(state))
-    with open(os.path.join(original["paths"]["weight_g"], "config.json"), encoding="utf-8") as f:
-        assert is_original_config(json.load(f))
+    with open(os.path.join(original["paths"]["hub"], "config.json"), encoding="utf-8") as f:
+        data = json.load(f)
+    assert is_original_config(data)
     assert not is_original_config(Xcodec2Config().to_dict())
+    # config.py parses transformers' config.json only; the original one points to the loader.
+    with pytest.raises(ValueError, match="load_checkpoint"):
+        Xcodec2Config.from_dict(data)
 
 
 @pytest.mark.parametrize("layout", ["weight_g", "parametrizations"])
@@ -128,49 +167,107 @@ def test_weight_norm_folding_matches_torch(layout):
 
 
 def test_mapping_is_strict_and_lists_every_problem(original):
-    state = read_state_dict(original["paths"]["weight_g"])
+    state = read_state_dict(original["paths"]["weight_g+bias"])
     converted = original_to_transformers(state)
     layers = {int(k.split(".")[3]) for k in converted if k.startswith("semantic_encoder.encoder.layers.")}
     assert layers == set(range(16))  # layers 16..23 dropped: X-Codec2 reads hidden_states[16]
     assert not any(k.endswith(("filter", "window")) for k in converted)
+    assert not any(k.endswith("act.bias") for k in converted)
 
     bad = dict(state)
     bad["generator.backbone.transformers.0.att.bogus.weight"] = np.zeros(3, np.float32)
     bad["fc_prior.scale"] = np.zeros(3, np.float32)
     del bad["CodecEnc.conv_blocks.1.block.4.weight_v"]
+    # SnakeBeta's log-magnitude under both names in one module.
+    snake = "CodecEnc.conv_blocks.1.block.3.act"
+    bad[f"{snake}.beta"] = state[f"{snake}.bias"]
     with pytest.raises(OriginalCheckpointError) as info:
         original_to_transformers(bad)
     message = str(info.value)
-    for key in ("att.bogus.weight", "fc_prior.scale", "conv_blocks.1.block.4.weight_g"):
+    for key in ("att.bogus.weight", "fc_prior.scale", "conv_blocks.1.block.4.weight_g", f"{snake}.b"):
         assert key in message
-    assert len(info.value.problems) == 3
+    assert "already filled" in message
+    assert len(info.value.problems) == 4
+
+    # The loader reports them the same way, for a file on disk.
+    with pytest.raises(OriginalCheckpointError, match="act.bias|act.beta"):
+        load_params(_saved(bad, original["paths"]["hub"]), _small_config())
+
+
+def _saved(state, like: str) -> str:
+    from safetensors.numpy import save_file
+
+    path = like + "-modified"
+    os.makedirs(path, exist_ok=True)
+    save_file(state, os.path.join(path, "model.safetensors"))
+    return path
+
+
+def _fires(keys) -> set[int]:
+    """Rows of PATTERNS matched by ``keys`` (weight-norm halves taken as the folded ``.weight``)."""
+    rows = set()
+    for key in keys:
+        for suffix in _WN_SUFFIXES:
+            if key.endswith(suffix):
+                key = key[: -len(suffix)] + ".weight"
+        found = match_key(key)
+        assert found is not None, key
+        rows.add(found[0])
+    return rows
+
+
+def test_every_pattern_fires_on_small_and_full_state_dicts(original, monkeypatch):
+    every = set(range(len(PATTERNS)))
+    small = _fires(checkpoint_index(original["paths"]["hub"]))
+    assert small == every, [PATTERNS[i][0] for i in every - small]
+    full = _fires(_full_release_shapes(monkeypatch))
+    assert full == every, [PATTERNS[i][0] for i in every - full]
 
 
 def test_config_from_original(original):
-    path = original["paths"]["parametrizations"]
+    path = original["paths"]["0.1.5"]
     state = read_state_dict(path)
     with open(os.path.join(path, "config.json"), encoding="utf-8") as f:
         config_json = json.load(f)
     # Decoder heads are the one size the weights cannot tell (the original hardcodes 16).
     inferred = config_from_original(config_json, state, num_attention_heads=ORIGINAL_SMALL["heads"])
     assert Xcodec2Config.from_dict(inferred) == _small_config()
-    shapes = {k: v.shape for k, v in state.items()}
-    assert config_from_original(config_json, shapes, num_attention_heads=ORIGINAL_SMALL["heads"]) == inferred
+    # The header alone (no tensor read) gives the same.
+    header = checkpoint_index(path)
+    assert config_from_original(config_json, header, num_attention_heads=ORIGINAL_SMALL["heads"]) == inferred
 
     # The release's config.json alone gives the release's hardcoded shapes = transformers' defaults.
     assert Xcodec2Config.from_dict(config_from_original(RELEASE_CONFIG_JSON)) == Xcodec2Config()
     with pytest.warns(UserWarning, match="lacks"):
         assert Xcodec2Config.from_dict(config_from_original({})) == Xcodec2Config()
-    # FSQ buffers, non-persistent in the vector-quantize-pytorch the release pins, are dropped if
-    # present; their levels are then taken as stored.
-    stored = {**state, "generator.quantizer.layers.0._levels": np.array([5, 5, 5, 5, 4, 4, 4, 4], np.int32)}
-    assert original_to_transformers(stored).keys() == original_to_transformers(state).keys()
-    assert (
-        config_from_original(config_json, stored, num_attention_heads=4)["quantization_levels"]
-        == [5] * 4 + [4] * 4
-    )
     with pytest.raises(ValueError, match="semantic_hidden_size"):
         config_from_original({**config_json, "semantic_hidden_size": 48}, state)
+
+
+def test_one_config_for_every_format(original, tmp_path):
+    """A non-default original checkpoint, the same weights in transformers' format, and as Orbax: the
+    config API and the loader agree on each, and the three agree with each other."""
+    path = original["paths"]["hub"]
+    config, params = load_checkpoint(path)
+    assert config != Xcodec2Config()
+    assert config.hidden_size == ORIGINAL_SMALL["hidden"] and config.num_attention_heads == 16
+
+    transformers_dir = tmp_path / "transformers"
+    config.save_pretrained(transformers_dir)
+    from safetensors.numpy import save_file
+
+    save_file(original_to_transformers(read_state_dict(path)), str(transformers_dir / "model.safetensors"))
+    orbax_dir = tmp_path / "orbax"
+    save_orbax(orbax_dir, params, config)
+
+    for fmt, where in (("original", path), ("transformers", transformers_dir), ("orbax", orbax_dir)):
+        assert detect_format(where) == fmt
+        assert Xcodec2Config.from_pretrained(where) == config, fmt
+        loaded_config, loaded = load_checkpoint(where)
+        assert loaded_config == config, fmt
+        assert jax.tree.structure(loaded) == jax.tree.structure(params), fmt
+        for a, b in zip(jax.tree.leaves(loaded), jax.tree.leaves(params), strict=True):
+            np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -234,7 +331,7 @@ def test_transformers_port_matches_original(original):
     from transformers import Xcodec2Config as TorchConfig
     from transformers import Xcodec2Model as TorchModel
 
-    state = original_to_transformers(read_state_dict(original["paths"]["weight_g"]))
+    state = original_to_transformers(read_state_dict(original["paths"]["hub"]))
     model = TorchModel(TorchConfig(**xcodec2_config_kwargs(ORIGINAL_SMALL))).eval()
     model.load_state_dict({k: torch.from_numpy(v) for k, v in state.items()}, strict=True)
     with torch.no_grad():
@@ -259,23 +356,15 @@ def _jitted(config: Xcodec2Config):
     return encode, decode
 
 
-@functools.cache
-def _abstract(config: Xcodec2Config):
-    from xcodec2_jax.model import abstract_params
-
-    return abstract_params(config)
-
-
-@pytest.mark.parametrize("layout", ["weight_g", "parametrizations"])
+@pytest.mark.parametrize("layout", list(LAYOUTS))
 def test_jax_matches_original(original, layout):
     path = original["paths"][layout]
-    state = read_state_dict(path)
     with open(os.path.join(path, "config.json"), encoding="utf-8") as f:
         config_json = json.load(f)
     config = Xcodec2Config.from_dict(
-        config_from_original(config_json, state, num_attention_heads=ORIGINAL_SMALL["heads"])
+        config_from_original(config_json, checkpoint_index(path), num_attention_heads=ORIGINAL_SMALL["heads"])
     )
-    # The public entry point: load_params detects the original format by its key names.
+    # The public entry point, reading the file: it detects the original format by its key names.
     params = load_params(path, config)
     encode, decode = _jitted(config)
 
@@ -304,7 +393,7 @@ def _permute_for_rope(w: np.ndarray, n_heads: int) -> np.ndarray:
 def test_converter_rope_permutation_is_irrelevant_to_our_decoder(original):
     """transformers' converter permutes q and k rows within each head; permuting both alike leaves every
     q·k, hence our (RoPE-free) decoder, unchanged, so the plain split is exact and so is the permuted one."""
-    path = original["paths"]["weight_g"]
+    path = original["paths"]["hub"]
     state = original_to_transformers(read_state_dict(path))
     config = _small_config()
     permuted = dict(state)
@@ -314,20 +403,20 @@ def test_converter_rope_permutation_is_irrelevant_to_our_decoder(original):
     assert any(not np.array_equal(permuted[k], state[k]) for k in state)
     _, decode = _jitted(config)
     codes = original["codes"].astype(np.int32)
-    plain = np.asarray(decode(convert_state_dict(state, _abstract(config)), codes).audio_values)
-    perm = np.asarray(decode(convert_state_dict(permuted, _abstract(config)), codes).audio_values)
+    expected = checkpoint_shapes(config)
+    plain = np.asarray(decode(stack_layers(convert_state_dict(state, expected), config), codes).audio_values)
+    perm = np.asarray(
+        decode(stack_layers(convert_state_dict(permuted, expected), config), codes).audio_values
+    )
     _, rel = rel_err(perm, plain)
     print(f"decoded audio, converter-permuted q/k rows vs plain split: {rel:.3e} of peak")
     assert rel <= 1e-5
 
 
-def test_full_size_release_layout(monkeypatch):
-    """The release's full-size modules (w2v-BERT 2.0 with 24 layers, ``CodecEncoder_Transformer()``,
-    ``CodecDecoderVocos()``), shapes only: the rewrite gives exactly transformers' full-size key set and
-    shapes, and the shapes plus the release's config.json give the default config."""
+def _full_release_shapes(monkeypatch) -> dict[str, tuple[int, ...]]:
+    """Key -> shape of the release's full-size modules (w2v-BERT 2.0 with 24 layers,
+    ``CodecEncoder_Transformer()``, ``CodecDecoderVocos()``), built on the meta device."""
     from transformers import Wav2Vec2BertConfig, Wav2Vec2BertModel
-    from transformers import Xcodec2Config as TorchConfig
-    from transformers import Xcodec2Model as TorchModel
 
     orig = original_modules()
     residual_fsq = orig.codec_decoder_vocos.ResidualFSQ
@@ -348,9 +437,19 @@ def test_full_size_release_layout(monkeypatch):
         parts["fc_prior"] = torch.nn.Linear(2048, 2048)
         parts["fc_post_a"] = torch.nn.Linear(2048, 1024)
         parts["generator"] = orig.CodecDecoderVocos()
-        reference = TorchModel(TorchConfig())
-    shapes = {f"{name}.{k}": tuple(v.shape) for name, m in parts.items() for k, v in m.state_dict().items()}
+    return {f"{name}.{k}": tuple(v.shape) for name, m in parts.items() for k, v in m.state_dict().items()}
+
+
+def test_full_size_release_layout(monkeypatch):
+    """The release's full-size modules, shapes only: the rewrite gives exactly transformers' full-size
+    key set and shapes, and the shapes plus the release's config.json give the default config."""
+    from transformers import Xcodec2Config as TorchConfig
+    from transformers import Xcodec2Model as TorchModel
+
+    shapes = _full_release_shapes(monkeypatch)
     assert any(k.endswith("parametrizations.weight.original1") for k in shapes)
+    with torch.device("meta"):
+        reference = TorchModel(TorchConfig())
 
     assert Xcodec2Config.from_dict(config_from_original(RELEASE_CONFIG_JSON, shapes)) == Xcodec2Config()
     # Zero-stride stand-ins: the rewrite never copies a tensor except the weight-normed and qkv ones.
@@ -361,8 +460,8 @@ def test_full_size_release_layout(monkeypatch):
 
 def test_load_params_infers_the_config_from_original_weights(original):
     """Without a config, the shapes come from the weights (heads default to the release's 16)."""
-    path = original["paths"]["parametrizations"]
+    path = original["paths"]["0.1.5"]
     params = load_params(path)
     state = original_to_transformers(read_state_dict(path))
     assert params["acoustic_decoder"]["fc"]["kernel"].shape == state["acoustic_decoder.fc.weight"].T.shape
-    assert len([k for k in params["semantic_encoder"]["encoder"]]) == 16
+    assert Xcodec2Config.from_pretrained(path).semantic_model_config.num_hidden_layers == 16

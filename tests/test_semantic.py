@@ -11,7 +11,7 @@ import pytest
 
 from xcodec2_jax.config import SemanticConfig
 from xcodec2_jax.semantic import SemanticAdapter, SemanticEncoder, relative_distance_index
-from xcodec2_jax.weights import convert_state_dict
+from xcodec2_jax.checkpoint import convert_state_dict
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")

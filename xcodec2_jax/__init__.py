@@ -13,13 +13,13 @@ _EXPORTS = {
     "Xcodec2Config": "config",
     "SemanticConfig": "config",
     "Xcodec2Model": "model",
-    "load_params": "weights",
-    "CheckpointMismatchError": "weights",
+    "load_params": "checkpoint",
+    "CheckpointMismatchError": "checkpoint",
     "Xcodec2FeatureExtractor": "features",
     "fbank_features_jax": "features",
     "Xcodec2Codec": "codec",
     "EncodedAudio": "codec",
-    "load_checkpoint": "weights",
+    "load_checkpoint": "checkpoint",
 }
 
 __all__ = sorted(_EXPORTS)
@@ -29,7 +29,7 @@ if TYPE_CHECKING:  # static names for type checkers and IDEs; at run time __geta
     from .config import SemanticConfig, Xcodec2Config  # noqa: F401
     from .features import Xcodec2FeatureExtractor, fbank_features_jax  # noqa: F401
     from .model import Xcodec2Model  # noqa: F401
-    from .weights import CheckpointMismatchError, load_checkpoint, load_params  # noqa: F401
+    from .checkpoint import CheckpointMismatchError, load_checkpoint, load_params  # noqa: F401
 
 
 def __getattr__(name: str):

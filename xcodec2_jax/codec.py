@@ -23,7 +23,7 @@ from .cache import enable_compilation_cache
 from .config import Xcodec2Config
 from .features import Xcodec2FeatureExtractor
 from .model import Xcodec2Model, validate_codes
-from .weights import load_checkpoint
+from .checkpoint import load_checkpoint
 
 DEFAULT_MODEL_ID = "HKUSTAudio/xcodec2-hf"
 SAMPLING_RATE = 16000
@@ -190,7 +190,7 @@ class Xcodec2Codec:
         path = _resolve_checkpoint(os.fspath(path_or_repo_id), revision, cache_dir)
         # On before loading: the loader may compile too.
         enable_compilation_cache(compilation_cache)
-        config, params = load_checkpoint(path)
+        config, params = load_checkpoint(path, device=jax.devices()[0])
         return cls(
             config,
             params,

@@ -18,6 +18,21 @@ _SEMANTIC_MODEL_TYPE = "wav2vec2-bert"
 _MODEL_TYPE = "xcodec2"
 
 
+_ORIGINAL_CONFIG_KEYS = (
+    "semantic_hidden_size",
+    "codec_encoder_hidden_size",
+    "codec_decoder_hidden_size",
+    "use_vocos",
+)
+
+
+def is_original_config(data: dict[str, Any]) -> bool:
+    """True for the original release's ``config.json`` (a ``BigCodecConfig``, model_type ``xcodec``)."""
+    if any(k in data for k in ("semantic_model_config", "acoustic_model_config", "quantization_dim")):
+        return False  # transformers' Xcodec2Config, or X-Codec (v1), whose model_type is also "xcodec"
+    return data.get("model_type") == "xcodec" or any(k in data for k in _ORIGINAL_CONFIG_KEYS)
+
+
 def _check_positive(obj: Any, names: tuple[str, ...]) -> None:
     for name in names:
         value = getattr(obj, name)
@@ -186,12 +201,17 @@ class Xcodec2Config:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Xcodec2Config:
-        """Build from a ``config.json`` dict (transformers', or the original release's BigCodec one);
-        keys that do not shape the model are ignored."""
-        from .original import config_from_original, is_original_config
-
+        """Build from a transformers-style ``config.json`` dict; keys that do not shape the model are
+        ignored. The original release's ``config.json`` (``BigCodecConfig``) holds almost no shapes and
+        is refused: its checkpoint's config comes from the weights (:meth:`from_pretrained` on the
+        directory, or ``load_checkpoint``)."""
         if is_original_config(data):
-            data = config_from_original(data)
+            raise ValueError(
+                "this is the original X-Codec2 release's config.json (BigCodecConfig), which does not "
+                "describe the model's shapes; read the checkpoint directory instead: "
+                "Xcodec2Config.from_pretrained(directory) or xcodec2_jax.load_checkpoint(directory) "
+                "infer them from the weights"
+            )
         data = dict(data)
         rope = data.pop("rope_parameters", None) or {}
         if rope.get("rope_type", "default") != "default":
@@ -221,14 +241,15 @@ class Xcodec2Config:
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike) -> Xcodec2Config:
-        """Read ``config.json`` from a checkpoint directory (or the file itself)."""
+        """The config of a checkpoint (directory or weights file, any format the loader reads: the
+        same config ``load_checkpoint`` gives), or of a transformers-style ``config.json`` file."""
         path = os.fspath(path)
-        if os.path.isdir(path):
-            path = os.path.join(path, "config.json")
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"no config.json at {path}")
-        with open(path, encoding="utf-8") as f:
-            return cls.from_dict(json.load(f))
+        if os.path.isfile(path) and path.endswith(".json") and not path.endswith(".index.json"):
+            with open(path, encoding="utf-8") as f:
+                return cls.from_dict(json.load(f))
+        from .checkpoint import config_for
+
+        return config_for(path)
 
     def save_pretrained(self, directory: str | os.PathLike) -> None:
         os.makedirs(directory, exist_ok=True)

@@ -1,4 +1,4 @@
-"""load_params: strict mapping of transformers checkpoints onto the Flax tree."""
+"""The checkpoint package on transformers-format files: header, strict mapping, stacking, placement."""
 
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ import pytest
 from safetensors.numpy import load_file, save_file
 
 from xcodec2_jax import load_params
-from xcodec2_jax.model import abstract_params
-from xcodec2_jax.weights import CheckpointMismatchError, path_to_torch_key, torch_key_to_path
+from xcodec2_jax.checkpoint import CheckpointMismatchError, path_to_torch_key, torch_key_to_path
+from xcodec2_jax.model import abstract_params, checkpoint_shapes, unstack_layers
 
 
 def _flat(tree, prefix=()):
@@ -45,23 +45,28 @@ def test_key_paths_round_trip():
 @pytest.mark.parametrize("which", ["small_ref", "full_ref"])
 def test_every_key_used_and_every_leaf_filled(which, request):
     ref = request.getfixturevalue(which)
-    params = ref.params
+    params = load_params(ref.path)
     expected = dict(_flat(abstract_params(ref.config)))
     got = dict(_flat(params))
     assert set(got) == set(expected)
     for path, leaf in expected.items():
         assert got[path].shape == tuple(leaf.shape), path
-    # Every persistent tensor of the reference lands somewhere (masked_spec_embed is training-only).
+        assert got[path].dtype == leaf.dtype, path
+    # Every persistent tensor of the reference lands on exactly one parameter (or layer of a stacked
+    # one), with its value, in the Flax layout (masked_spec_embed is training-only).
     state = load_file(os.path.join(ref.path, "model.safetensors"))
-    used = [k for k in state if k != "semantic_encoder.masked_spec_embed"]
-    assert len(used) == len(got)
-    # Values, not just shapes: a conv kernel and a linear kernel in the Flax layout.
-    key = "acoustic_decoder.embed.weight"
-    np.testing.assert_array_equal(
-        params["acoustic_decoder"]["embed"]["kernel"], state[key].transpose(2, 1, 0)
-    )
-    key = "acoustic_decoder.fc.weight"
-    np.testing.assert_array_equal(params["acoustic_decoder"]["fc"]["kernel"], state[key].T)
+    state.pop("semantic_encoder.masked_spec_embed")
+    per_layer = unstack_layers(params, ref.config)
+    assert per_layer.keys() == checkpoint_shapes(ref.config).keys()
+    assert len(per_layer) == len(state)
+    by_key = {path_to_torch_key(p): v for p, v in per_layer.items()}
+    assert by_key.keys() == state.keys()
+    for key, value in state.items():
+        if value.ndim == 2 and "distance_embedding" not in key:
+            value = value.T  # Linear (out, in) -> (in, out)
+        elif value.ndim == 3:
+            value = value.transpose(2, 1, 0)  # Conv1d (out, in, k) -> (k, in, out)
+        np.testing.assert_array_equal(np.asarray(by_key[key]), value, err_msg=key)
 
 
 def test_extra_missing_and_wrong_shape_are_all_listed(small_ref, tmp_path):
@@ -129,3 +134,56 @@ def test_missing_files_are_clear(small_ref, tmp_path):
     shutil.copy(os.path.join(small_ref.path, "model.safetensors"), no_config)
     with pytest.raises(FileNotFoundError, match="config.json"):
         load_params(no_config)
+
+
+def test_header_gives_every_shape_without_reading_tensors(small_ref, tmp_path):
+    from safetensors import safe_open
+
+    from xcodec2_jax.checkpoint import checkpoint_index, detect_format
+
+    file = os.path.join(small_ref.path, "model.safetensors")
+    index = checkpoint_index(small_ref.path)
+    with safe_open(file, framework="numpy") as f:
+        assert set(f.keys()) == set(index)
+        for key in f.keys():
+            assert index[key].shape == tuple(f.get_slice(key).get_shape()), key
+            assert index[key].dtype == f.get_tensor(key).dtype, key
+    assert detect_format(small_ref.path) == "transformers"
+
+    bad = tmp_path / "model.safetensors"
+    bad.write_bytes(b"not a safetensors file at all")
+    with pytest.raises(ValueError, match="not a safetensors file"):
+        checkpoint_index(bad)
+    truncated = tmp_path / "truncated.safetensors"
+    truncated.write_bytes(open(file, "rb").read()[:-16])
+    with pytest.raises(ValueError, match="does not fit"):
+        checkpoint_index(truncated)
+
+
+def test_device_and_sharding_placement_and_dtype(small_ref):
+    import jax
+    import jax.numpy as jnp
+
+    host = load_params(small_ref.path)
+    device = jax.devices()[0]
+    placed = load_params(small_ref.path, device=device)
+    flat_host, flat_placed = dict(_flat(host)), dict(_flat(placed))
+    assert flat_host.keys() == flat_placed.keys()
+    for path, value in flat_placed.items():
+        assert isinstance(value, jax.Array) and value.devices() == {device}, path
+        np.testing.assert_array_equal(np.asarray(value), flat_host[path])
+
+    single = jax.sharding.SingleDeviceSharding(device)
+    tree = jax.tree.map(lambda _: single, host)
+    for leaf in jax.tree.leaves(load_params(small_ref.path, sharding=tree)):
+        assert leaf.sharding == single
+
+    half = load_params(small_ref.path, dtype=jnp.bfloat16, device=device)
+    for path, value in dict(_flat(half)).items():
+        assert value.dtype == jnp.bfloat16, path
+        np.testing.assert_array_equal(np.asarray(value), flat_host[path].astype(jnp.bfloat16))
+
+    with pytest.raises(ValueError, match="either sharding or device"):
+        load_params(small_ref.path, device=device, sharding=single)
+    with pytest.raises(ValueError, match="no entry"):
+        load_params(small_ref.path, sharding={"fc_encoder": {"kernel": single}})

@@ -1,0 +1,159 @@
+"""X-Codec2 checkpoints -> Flax params (numpy and safetensors' file format; no torch).
+
+Three formats, told apart in one place (:func:`detect_format`):
+
+- ``"transformers"``: ``config.json`` + ``model.safetensors`` (or a sharded index) as transformers'
+  ``Xcodec2Model.save_pretrained`` writes them (``HKUSTAudio/xcodec2-hf``);
+- ``"original"``: the original release's ``model.safetensors`` (``HKUSTAudio/xcodec2``, detected by
+  its key names), with its ``BigCodecConfig`` ``config.json`` or none; the config comes from the
+  tensors' shapes in the safetensors header;
+- ``"orbax"``: a directory written by :func:`save_orbax` / ``python -m convert``.
+
+``Xcodec2Config.from_pretrained(path)`` and :func:`load_checkpoint` give the same config for all three.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+from .io import (
+    SAFE_WEIGHTS_INDEX_NAME,
+    SAFE_WEIGHTS_NAME,
+    Tensor,
+    TensorReader,
+    checkpoint_index,
+    read_state_dict,
+    resolve_files,
+)
+from .orbax import ORBAX_PARAMS_DIR, is_orbax_checkpoint, save_orbax
+from .original import OriginalCheckpointError, fold_weight_norm, original_to_transformers, to_transformers
+from .original_config import config_from_original
+from .transformers import CheckpointMismatchError, convert_state_dict, path_to_torch_key, torch_key_to_path
+
+__all__ = [
+    "ORBAX_PARAMS_DIR",
+    "SAFE_WEIGHTS_INDEX_NAME",
+    "SAFE_WEIGHTS_NAME",
+    "CheckpointMismatchError",
+    "OriginalCheckpointError",
+    "Tensor",
+    "checkpoint_index",
+    "config_for",
+    "config_from_original",
+    "convert_state_dict",
+    "detect_format",
+    "fold_weight_norm",
+    "is_orbax_checkpoint",
+    "load_checkpoint",
+    "load_params",
+    "original_to_transformers",
+    "path_to_torch_key",
+    "read_state_dict",
+    "resolve_files",
+    "save_orbax",
+    "torch_key_to_path",
+]
+
+
+def _inspect(path: str):
+    """(format, safetensors index or None)."""
+    if os.path.isdir(path) and is_orbax_checkpoint(path):
+        return "orbax", None
+    from .original import is_original_format
+
+    index = checkpoint_index(path)
+    return ("original" if is_original_format(index) else "transformers"), index
+
+
+def detect_format(path: str | os.PathLike) -> str:
+    """``"transformers"``, ``"original"`` or ``"orbax"``; reads at most the safetensors headers."""
+    return _inspect(os.fspath(path))[0]
+
+
+def _config_json(path: str) -> tuple[str, dict | None]:
+    directory = path if os.path.isdir(path) else os.path.dirname(os.path.abspath(path))
+    file = os.path.join(directory, "config.json")
+    if not os.path.isfile(file):
+        return file, None
+    with open(file, encoding="utf-8") as f:
+        return file, json.load(f)
+
+
+def config_for(path: str | os.PathLike, _inspected=None):
+    """The ``Xcodec2Config`` of the checkpoint at ``path``, whatever its format.
+
+    transformers and Orbax: their ``config.json``. Original: the sizes read off the tensors' shapes
+    (header only), cross-checked with its ``BigCodecConfig`` ``config.json`` if there is one; a
+    transformers-style ``config.json`` beside original weights is taken as given. A directory holding
+    only a ``config.json`` (no weights) gives that config.
+    """
+    from ..config import Xcodec2Config, is_original_config
+
+    path = os.fspath(path)
+    file, data = _config_json(path)
+    if _inspected is None:
+        try:
+            _inspected = _inspect(path)
+        except FileNotFoundError as e:
+            if data is None:
+                raise FileNotFoundError(f"no config.json and no checkpoint at {path!r} ({e})") from None
+            if not os.path.isdir(path) or is_original_config(data):
+                raise
+            return Xcodec2Config.from_dict(data)
+    fmt, index = _inspected
+    if fmt == "original" and (data is None or is_original_config(data)):
+        return Xcodec2Config.from_dict(config_from_original(data, index))
+    if data is None:
+        raise FileNotFoundError(f"no config.json beside {path!r} ({file}): pass config=Xcodec2Config(...)")
+    return Xcodec2Config.from_dict(data)
+
+
+def load_checkpoint(
+    path: str | os.PathLike, config=None, *, dtype: Any = None, sharding: Any = None, device: Any = None
+):
+    """``(config, params)`` of a checkpoint; see :func:`load_params` for the arguments."""
+    from ..model import checkpoint_shapes, scanned_layers
+    from .orbax import restore
+    from .place import assemble
+    from .transformers import map_state
+
+    if sharding is not None and device is not None:
+        raise ValueError("pass either sharding or device, not both")
+    placement = sharding if sharding is not None else device
+    path = os.fspath(path)
+    fmt, index = inspected = _inspect(path)
+    if config is None:
+        config = config_for(path, inspected)
+    if fmt == "orbax":
+        return config, restore(path, config, dtype=dtype, placement=placement)
+    tensors = TensorReader().tensors(index)
+    if fmt == "original":
+        tensors = to_transformers(tensors)
+    placed = map_state(tensors, checkpoint_shapes(config), source=f"checkpoint {path!r}")
+    return config, assemble(placed, scanned_layers(config), dtype=dtype, placement=placement)
+
+
+def load_params(
+    path: str | os.PathLike, config=None, *, dtype: Any = None, sharding: Any = None, device: Any = None
+) -> dict[str, Any]:
+    """Load an X-Codec2 checkpoint into the Flax parameter tree of :class:`Xcodec2Model`.
+
+    ``path`` is a checkpoint directory (``config.json`` with ``model.safetensors`` or a sharded
+    ``model.safetensors.index.json``, or an Orbax checkpoint written by :func:`save_orbax` or
+    ``python -m convert``), a ``.safetensors`` file, or an index file, in any format of
+    :func:`detect_format` (original release: weight norm folded, fused qkv split, w2v-BERT layers past
+    16 never read). ``config`` defaults to :func:`config_for`.
+
+    Without ``device``/``sharding``: a nested dict of numpy arrays in host memory (cast to ``dtype``
+    if given). With ``device`` (a ``jax.Device``) or ``sharding`` (one ``jax.sharding.Sharding`` for
+    every leaf, or a tree of them shaped like the params): ``jax.Array`` s placed there, each tensor
+    copied once from the memory-mapped file and its host copy released as soon as it is placed (an
+    Orbax checkpoint is read straight into its shards). Host arrays are copied to the device on every
+    jitted call they are passed to: for repeated calls, pass ``device`` (or ``jax.device_put`` once).
+
+    Strict: raises :class:`CheckpointMismatchError` (or, for original checkpoints with keys it
+    cannot map, :class:`OriginalCheckpointError`) listing every offending key at once.
+    """
+    return load_checkpoint(path, config, dtype=dtype, sharding=sharding, device=device)[1]

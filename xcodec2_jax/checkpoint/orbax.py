@@ -1,0 +1,101 @@
+"""Orbax checkpoints of the Flax params (``directory/params``) beside a transformers-style ``config.json``.
+
+They hold the model layout (``abstract_params``: scanned layers stacked). A checkpoint written in the
+unstacked, one-entry-per-layer layout is accepted too and stacked on load.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from typing import Any
+
+from .io import flatten, unflatten
+from .transformers import CheckpointMismatchError, path_to_torch_key
+
+ORBAX_PARAMS_DIR = "params"
+
+
+def is_orbax_checkpoint(path: str | os.PathLike) -> bool:
+    """A directory written by :func:`save_orbax`: ``config.json`` plus an Orbax ``params/`` tree."""
+    return os.path.isfile(os.path.join(os.fspath(path), ORBAX_PARAMS_DIR, "_CHECKPOINT_METADATA"))
+
+
+def save_orbax(
+    directory: str | os.PathLike, params: Mapping[str, Any], config, *, overwrite: bool = False
+) -> None:
+    """Write ``params`` as an Orbax checkpoint under ``directory/params`` with ``directory/config.json``.
+
+    Loading it back (``load_params``, ``Xcodec2Codec.from_pretrained``) skips the safetensors
+    conversion and can restore every array straight into a given sharding.
+    """
+    import orbax.checkpoint as ocp
+
+    directory = os.path.abspath(os.fspath(directory))
+    target = os.path.join(directory, ORBAX_PARAMS_DIR)
+    if os.path.exists(target) and not overwrite:
+        raise FileExistsError(f"{target} exists (pass overwrite=True to replace it)")
+    config.save_pretrained(directory)
+    checkpointer = ocp.StandardCheckpointer()
+    checkpointer.save(target, params, force=overwrite)
+    checkpointer.wait_until_finished()
+
+
+def _same_layout(stored: Mapping, expected: Mapping) -> bool:
+    return stored.keys() == expected.keys() and all(
+        tuple(stored[p].shape) == tuple(v.shape) for p, v in expected.items()
+    )
+
+
+def restore(path: str, config, *, dtype: Any = None, placement: Any = None) -> dict[str, Any]:
+    """The params of the Orbax checkpoint at ``path``, strictly checked against ``config``'s model."""
+    import jax
+    import jax.numpy as jnp
+    import orbax.checkpoint as ocp
+
+    from ..model import abstract_params, checkpoint_shapes, stack_layers
+    from .place import _shardings
+
+    target = os.path.join(os.path.abspath(path), ORBAX_PARAMS_DIR)
+    checkpointer = ocp.StandardCheckpointer()
+    stored = checkpointer.metadata(target)
+    stored = flatten(dict(getattr(stored, "item_metadata", stored)))
+    expected = flatten(abstract_params(config))
+    unstacked = checkpoint_shapes(config)
+    if not _same_layout(stored, expected) and _same_layout(stored, unstacked):
+        flat = flatten(checkpointer.restore(target))
+        params = stack_layers(flat, config)
+        params = params if placement is None else _place(params, placement)
+    elif _same_layout(stored, expected):
+        if placement is None:
+            params = checkpointer.restore(target)
+        else:
+            shardings = _shardings(placement, expected)
+            abstract = {
+                p: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=shardings[p]) for p, v in expected.items()
+            }
+            params = checkpointer.restore(target, unflatten(abstract))
+    else:
+        unexpected = [(path_to_torch_key(p), v.shape) for p, v in stored.items() if p not in expected]
+        missing = [(path_to_torch_key(p), v.shape) for p, v in expected.items() if p not in stored]
+        mismatched = [
+            (path_to_torch_key(p), v.shape, v.shape, stored[p].shape)
+            for p, v in expected.items()
+            if p in stored and tuple(stored[p].shape) != tuple(v.shape)
+        ]
+        raise CheckpointMismatchError(unexpected, missing, mismatched, source=f"Orbax checkpoint {path!r}")
+    if dtype is not None:
+        params = jax.tree.map(
+            lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, params
+        )
+    return params
+
+
+def _place(params, placement):
+    import jax
+
+    from .place import _shardings
+
+    flat = flatten(params)
+    shardings = _shardings(placement, flat)
+    return unflatten({p: jax.device_put(v, shardings[p]) for p, v in flat.items()})

@@ -1,0 +1,188 @@
+"""Mapped checkpoint tensors -> the model's parameter tree, each tensor copied once.
+
+Each parameter gets one fresh 64-byte-aligned host buffer, and each of its checkpoint tensors is
+copied into it straight from the memory map, transposed to the Flax layout on the way (row blocks,
+so that reads and writes both stay in cache) and cast if asked; a stacked parameter (the scanned
+layers, see ``model.scanned_layers``) receives layer ``i`` in slice ``i``, without an intermediate
+copy. The tensor's pages then leave the process. With a device or sharding, the buffer is handed to
+``jax.device_put`` and dropped: XLA's CPU client adopts an aligned buffer without copying, and an
+accelerator copies it over, after which the host memory is freed. Parameters are built on a few
+threads (numpy copies release the GIL).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Mapping
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import numpy as np
+
+from .io import Tensor, aligned_empty, flatten, populated_buffer, unflatten
+from .transformers import path_to_torch_key
+
+_LAYER = re.compile(r"layers_(\d+)")
+
+
+def model_paths(paths, stacks: Mapping[tuple[str, ...], int]) -> dict[tuple[str, ...], list]:
+    """Checkpoint-layout paths -> ``{model path: [(layer index or None, checkpoint path), ...]}``.
+
+    ``parent + ("layers_i", *rest)`` with ``parent`` in ``stacks`` becomes slice ``i`` of
+    ``parent + ("layers", *rest)``; every other path is its own parameter.
+    """
+    out: dict[tuple[str, ...], list] = {}
+    for path in paths:
+        for parent in stacks:
+            n = len(parent)
+            if path[:n] == parent and len(path) > n + 1 and (m := _LAYER.fullmatch(path[n])):
+                out.setdefault(parent + ("layers",) + path[n + 1 :], []).append((int(m[1]), path))
+                break
+        else:
+            out[path] = [(None, path)]
+    return out
+
+
+def _block(itemsize: int) -> int:
+    # Rows per block: the transposed writes then fill whole 64-byte cache lines.
+    return max(8, 64 // itemsize)
+
+
+def copy_into(dst: np.ndarray, src: np.ndarray, perm: tuple[int, ...] | None) -> None:
+    """``dst[...] = src.transpose(perm)`` (cast as needed), in row blocks of ``src``."""
+    if perm is None:
+        np.copyto(dst, src, casting="unsafe")
+        return
+    b = _block(dst.itemsize)
+    if perm == (1, 0):
+        for i in range(0, src.shape[0], b):
+            np.copyto(dst[:, i : i + b], src[i : i + b].T, casting="unsafe")
+    elif perm == (2, 1, 0):
+        for i in range(0, src.shape[0], b):
+            np.copyto(dst[:, :, i : i + b], src[i : i + b].transpose(2, 1, 0), casting="unsafe")
+    else:
+        np.copyto(dst, np.transpose(src, perm), casting="unsafe")
+
+
+def _out_dtype(src_dtype: np.dtype, dtype: Any) -> np.dtype:
+    if dtype is not None and np.issubdtype(src_dtype, np.floating):
+        return np.dtype(dtype)
+    if dtype is not None and src_dtype.kind == "V" and "bfloat16" in src_dtype.name:
+        return np.dtype(dtype)
+    return src_dtype
+
+
+def _leaf_spec(items, placed, dtype) -> tuple[tuple[int, ...], np.dtype]:
+    """Shape and dtype of the parameter assembled from ``items``."""
+    value, perm = placed[items[0][1]]
+    shape = tuple(value.shape) if perm is None else tuple(value.shape[i] for i in perm)
+    if items[0][0] is not None:
+        indices = sorted(i for i, _ in items)
+        if indices != list(range(len(items))):
+            raise ValueError(
+                f"layers {indices} of {path_to_torch_key(items[0][1])}: expected 0..{len(items) - 1}"
+            )
+        shape = (len(items),) + shape
+    return shape, _out_dtype(np.dtype(value.dtype), dtype)
+
+
+def _nbytes(spec) -> int:
+    shape, dt = spec
+    return int(np.prod(shape, dtype=np.int64)) * dt.itemsize
+
+
+class _Arena:
+    """One allocation for every parameter, carved into 64-byte-aligned views.
+
+    For parameters that stay in host memory (no placement, or a CPU device): one populated allocation
+    (see ``populated_buffer``) instead of page faults spread over every copy.
+    """
+
+    def __init__(self, specs):
+        self.specs, self.offsets, total = specs, {}, 0
+        for path, spec in specs.items():
+            self.offsets[path] = total
+            total += -(-_nbytes(spec) // 64) * 64
+        self.buffer = populated_buffer(total)
+
+    def view(self, path) -> np.ndarray:
+        shape, dt = self.specs[path]
+        start = self.offsets[path]
+        return self.buffer[start : start + _nbytes(self.specs[path])].view(dt).reshape(shape)
+
+
+def _fill(buf: np.ndarray, items, placed) -> None:
+    for i, path in items:
+        value, perm = placed[path]
+        array = value.load() if isinstance(value, Tensor) else np.asarray(value)
+        copy_into(buf if i is None else buf[i], array, perm)
+        del array
+        if isinstance(value, Tensor):
+            value.release()
+
+
+def _on_one_cpu(sharding) -> bool:
+    devices = sharding.device_set
+    return len(devices) == 1 and next(iter(devices)).platform == "cpu"
+
+
+def _shardings(placement: Any, leaves):
+    """``{model path: Sharding}`` for ``placement``: a device, one sharding, or a tree of them."""
+    import jax
+
+    if isinstance(placement, jax.Device):
+        placement = jax.sharding.SingleDeviceSharding(placement)
+    if isinstance(placement, jax.sharding.Sharding):
+        return dict.fromkeys(leaves, placement)
+    if isinstance(placement, Mapping):
+        flat = flatten(placement)
+        missing = [p for p in leaves if p not in flat]
+        if missing:
+            raise ValueError(
+                f"the sharding tree has no entry for {len(missing)} parameter(s), e.g. {missing[:3]}"
+            )
+        return flat
+    raise TypeError(
+        f"expected a jax.Device, a jax.sharding.Sharding or a tree of them, got {type(placement)}"
+    )
+
+
+def assemble(
+    placed: Mapping[tuple[str, ...], tuple[Any, tuple[int, ...] | None]],
+    stacks: Mapping[tuple[str, ...], int],
+    *,
+    dtype: Any = None,
+    placement: Any = None,
+    workers: int | None = None,
+) -> dict[str, Any]:
+    """``{checkpoint path: (tensor, perm)}`` (from ``map_state``) -> the nested model parameter tree.
+
+    Host numpy arrays without ``placement`` (views of one shared buffer); else ``jax.Array`` s placed
+    by it (a ``jax.Device``, a ``Sharding``, or a tree of them in the model layout), each host buffer
+    dropped once placed (on a CPU device, adopted by XLA without a copy).
+    """
+    groups = model_paths(placed, stacks)
+    specs = {p: _leaf_spec(items, placed, dtype) for p, items in groups.items()}
+    shardings = None if placement is None else _shardings(placement, groups)
+    arena = None
+    if shardings is None or all(_on_one_cpu(shardings[p]) for p in groups):
+        arena = _Arena(specs)
+    if shardings is not None:
+        import jax
+
+    def build(path):
+        buf = arena.view(path) if arena is not None else aligned_empty(*specs[path])
+        _fill(buf, groups[path], placed)
+        if shardings is None:
+            return buf
+        return jax.device_put(buf, shardings[path], may_alias=True)
+
+    workers = workers or min(4, os.cpu_count() or 1)
+    # Biggest first, so the threads finish together.
+    order = sorted(groups, key=lambda p: -_nbytes(specs[p]))
+    with ThreadPoolExecutor(workers) as pool:
+        leaves = dict(zip(order, pool.map(build, order), strict=True))
+    if shardings is not None:
+        jax.block_until_ready(list(leaves.values()))
+    return unflatten({p: leaves[p] for p in groups})
