@@ -12,11 +12,8 @@ from __future__ import annotations
 import glob
 import os
 
-import jax
 import numpy as np
 import pytest
-
-jax.config.update("jax_default_matmul_precision", "highest")
 
 DATA_DIR = os.path.join(os.path.dirname(__file__), "data")
 
@@ -158,3 +155,39 @@ def rel_err(ours, ref) -> tuple[float, float]:
     ours, ref = np.asarray(ours, np.float64), np.asarray(ref, np.float64)
     err = float(np.abs(ours - ref).max())
     return err, err / float(np.abs(ref).max())
+
+
+def module_params(state, target, **kwargs):
+    """``convert_state_dict`` for a sub-module's parameter tree ``target`` (e.g. from ``eval_shape``
+    of its ``init``), whose scanned layers are stacked under a ``layers`` node.
+
+    The state dict keeps one entry per layer (``layers.3.x``): the target is unstacked to match
+    (each stacked leaf of leading size n becomes ``layers_0 .. layers_{n-1}``), converted strictly,
+    and the result restacked.
+    """
+    import jax
+
+    from xcodec2_jax.checkpoint import convert_state_dict
+    from xcodec2_jax.model import _flatten, _unflatten
+
+    per_layer, stacks = {}, {}
+    for path, leaf in _flatten(target).items():
+        if "layers" not in path:
+            per_layer[path] = leaf
+            continue
+        i = path.index("layers")
+        stacks[path] = leaf.shape[0]
+        for n in range(leaf.shape[0]):
+            per_layer[path[:i] + (f"layers_{n}",) + path[i + 1 :]] = jax.ShapeDtypeStruct(
+                leaf.shape[1:], leaf.dtype
+            )
+    flat = convert_state_dict(state, per_layer, **kwargs)
+    out = {}
+    for path, value in flat.items():
+        layer = next((p for p in path if p.startswith("layers_") and p[7:].isdigit()), None)
+        if layer is None:
+            out[path] = value
+    for path, count in stacks.items():
+        i = path.index("layers")
+        out[path] = np.stack([flat[path[:i] + (f"layers_{n}",) + path[i + 1 :]] for n in range(count)])
+    return _unflatten(out)

@@ -1,21 +1,18 @@
 """Parity of the anti-aliased SnakeBeta and the acoustic encoder against transformers' PyTorch code."""
 
 import jax
+import jax.numpy as jnp  # noqa: E402
 import numpy as np
 import pytest
-
-jax.config.update("jax_default_matmul_precision", "highest")
-
-import jax.numpy as jnp  # noqa: E402
 
 torch = pytest.importorskip("torch")
 modeling = pytest.importorskip("transformers.models.xcodec2.modeling_xcodec2")
 TorchConfig = pytest.importorskip("transformers.models.xcodec2.configuration_xcodec2").Xcodec2Config
 
 from xcodec2_jax.acoustic import AcousticEncoder  # noqa: E402
+from xcodec2_jax.checkpoint import convert_state_dict  # noqa: E402
 from xcodec2_jax.config import Xcodec2Config  # noqa: E402
 from xcodec2_jax.nn import activations as act  # noqa: E402
-from xcodec2_jax.checkpoint import convert_state_dict  # noqa: E402
 
 LENGTHS = [1, 3, 6, 7, 13, 1001]
 SMALL = dict(

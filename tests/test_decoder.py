@@ -7,11 +7,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-from conftest import rel_err
+from conftest import module_params, rel_err
 
 from xcodec2_jax import Xcodec2Config, Xcodec2Model
 from xcodec2_jax.decoder import Decoder
-from xcodec2_jax.checkpoint import convert_state_dict
 
 
 def _decode_fn(config):
@@ -133,7 +132,7 @@ def test_grouped_kv_heads(monkeypatch):
     config = Xcodec2Config.from_dict(kwargs)
     module = Decoder(config)
     state = {k: v.numpy() for k, v in ref.state_dict().items()}
-    params = convert_state_dict(state, jax.eval_shape(module.init, jax.random.PRNGKey(0), x)["params"])
+    params = module_params(state, jax.eval_shape(module.init, jax.random.PRNGKey(0), x)["params"])
     ours = module.apply({"params": params}, x)
     err, rel = rel_err(ours, expected)
     print(f"GQA decoder: max abs err {err:.3e}, relative to peak {rel:.3e}")

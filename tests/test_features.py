@@ -33,8 +33,6 @@ from transformers.audio_utils import mel_filter_bank, spectrogram, window_functi
 # importable and its class usable, since @requires on a class only attaches metadata.
 hf_fe = importlib.import_module("transformers.models.xcodec2.feature_extraction_xcodec2")
 
-jax.config.update("jax_default_matmul_precision", "highest")
-
 DATA = Path(__file__).parent / "data"
 WAVS = sorted(DATA.glob("*.wav"))
 FEATURE_TOL = 1e-3

@@ -40,17 +40,13 @@ def test_attention_chunks_match_plain_softmax(monkeypatch, chunk, kv_heads):
         rows = first + jnp.arange(q_chunk.shape[-2])
         return jnp.take(jnp.asarray(table), jnp.clip(rows, 0, n - 1), axis=0)
 
-    with jax.default_matmul_precision("highest"):
-        out = layers.attention(q, k, v, scale=0.25, key_mask=key_mask, bias=bias)
+    out = layers.attention(q, k, v, scale=0.25, key_mask=key_mask, bias=bias, lowering="cpu")
     want = _softmax_attention(q, k, v, 0.25, key_mask, table)
     assert out.shape == (b, h, n, d)
     np.testing.assert_allclose(np.asarray(out), want, atol=2e-5)
 
 
 def test_query_chunk_rule():
-    if jax.default_backend() != "cpu":
-        assert layers._query_chunk((1, 16, 1000, 1000)) is None
-        return
     assert layers._query_chunk((1, 16, 32, 32)) is None  # too few queries to split
     size = layers._query_chunk((1, 16, 300, 300))
     assert size % 8 == 0 and 3 * size >= 300 > 2 * size
@@ -70,23 +66,26 @@ def test_query_chunk_rule():
         (5, 1, 2, 1, 2),
     ],
 )
-def test_conv1d_lowerings_match_lax_convolution(kernel, stride, padding, dilation, groups):
+@pytest.mark.parametrize("lowering", ["cpu", "generic"])
+def test_conv1d_lowerings_match_lax_convolution(kernel, stride, padding, dilation, groups, lowering):
     rng = np.random.default_rng(1)
     x = jnp.asarray(rng.standard_normal((2, 37, 12)).astype(np.float32))
-    conv = layers.Conv1d(10, kernel, stride=stride, padding=padding, dilation=dilation, groups=groups)
+    conv = layers.Conv1d(
+        10, kernel, stride=stride, padding=padding, dilation=dilation, groups=groups, lowering=lowering
+    )
     params = conv.init(jax.random.PRNGKey(0), x)["params"]
     assert params["kernel"].shape == (kernel, 12 // groups, 10)
-    with jax.default_matmul_precision("highest"):
-        out = conv.apply({"params": params}, x)
-        want = jax.lax.conv_general_dilated(
-            x,
-            params["kernel"],
-            (stride,),
-            [(padding, padding)],
-            rhs_dilation=(dilation,),
-            dimension_numbers=("NWC", "WIO", "NWC"),
-            feature_group_count=groups,
-        )
+    out = conv.apply({"params": params}, x)
+    want = jax.lax.conv_general_dilated(
+        x,
+        params["kernel"],
+        (stride,),
+        [(padding, padding)],
+        rhs_dilation=(dilation,),
+        dimension_numbers=("NWC", "WIO", "NWC"),
+        feature_group_count=groups,
+        precision=jax.lax.Precision.HIGHEST,
+    )
     np.testing.assert_allclose(np.asarray(out), np.asarray(want + params["bias"]), atol=1e-5)
 
 

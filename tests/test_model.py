@@ -192,7 +192,11 @@ def test_isolate_items_makes_batched_codes_equal_alone(small_ref):
 
 
 def test_bfloat16_compute_runs_close_to_float32(small_ref):
-    """bf16 compute (FSQ, norms, softmax and ISTFT stay fp32): finite, mostly the same codes."""
+    """bf16 compute (FSQ, norms, softmax and ISTFT stay fp32) against float32 on the test speech.
+
+    Measured on this config and speech (2 items, 274 codes): 89.1% of codes equal, audio correlation
+    0.983 (92.9% over all four test files). The bounds sit just below those figures, so a loss of
+    accuracy in the bf16 path shows; test_precision checks the float32 islands themselves."""
     feats = _features(_speech()[:2])
     outs = {}
     for dtype in (jnp.float32, jnp.bfloat16):
@@ -204,4 +208,4 @@ def test_bfloat16_compute_runs_close_to_float32(small_ref):
     agreement = float((np.asarray(ours.audio_codes) == np.asarray(ref.audio_codes)).mean())
     corr = np.corrcoef(np.asarray(ours.audio_values).ravel(), np.asarray(ref.audio_values).ravel())[0, 1]
     print(f"bf16 vs fp32: codes agreement {100 * agreement:.1f}%, audio correlation {corr:.4f}")
-    assert agreement >= 0.6 and corr >= 0.9
+    assert agreement >= 0.86 and corr >= 0.975

@@ -8,15 +8,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import module_params
 
 from xcodec2_jax.config import SemanticConfig
 from xcodec2_jax.semantic import SemanticAdapter, SemanticEncoder, relative_distance_index
-from xcodec2_jax.checkpoint import convert_state_dict
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
-
-jax.config.update("jax_default_matmul_precision", "highest")
 
 # Small and odd on purpose: head_dim 9, a clamp window (left 5, right 3) much shorter than the
 # sequences, a depthwise kernel longer than the right context.
@@ -61,7 +59,7 @@ def _torch_encoder(overrides: dict | None = None, attn="sdpa", full_noise=True, 
 def _jax_params(torch_module, flax_module, *inputs, ignore=("masked_spec_embed",)):
     state = {k: v.detach().numpy() for k, v in torch_module.state_dict().items()}
     target = jax.eval_shape(flax_module.init, jax.random.PRNGKey(0), *inputs)["params"]
-    return convert_state_dict(state, target, ignore=ignore)
+    return module_params(state, target, ignore=ignore)
 
 
 def _report(label, got, want):
@@ -145,7 +143,7 @@ def test_no_position_embeddings():
     x = _features(1, 23, seed=4)
     enc = SemanticEncoder(cfg)
     params = _jax_params(model, enc, x)
-    assert "distance_embedding" not in params["encoder"]["layers_0"]["self_attn"]
+    assert "distance_embedding" not in params["encoder"]["layers"]["self_attn"]
     got = enc.apply({"params": params}, x)
     assert _report("no position embeddings", got, _reference(model, x)) <= 1e-5
 

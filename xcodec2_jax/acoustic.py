@@ -28,6 +28,11 @@ def _conv_length(lengths: Array | None, kernel: int, stride: int, padding: int) 
     return (jnp.asarray(lengths, jnp.int32) + 2 * padding - kernel) // stride + 1
 
 
+def _opts(module: nn.Module) -> dict[str, Any]:
+    """What a submodule takes from its parent: compute dtype, precision and lowering."""
+    return dict(dtype=module.dtype, precision=module.precision, lowering=module.lowering)
+
+
 def _zero_tail(x: Array, lengths: Array | None) -> Array:
     """Zero each item past its length: the zero padding its convs would read if run alone."""
     if lengths is None:
@@ -42,14 +47,16 @@ class ResidualUnit(nn.Module):
     features: int
     dilation: int
     dtype: Any = jnp.float32
+    precision: Any = None
+    lowering: str = "auto"
 
     def setup(self):
         self.snake1 = AntiAliasedSnakeBeta(self.features, dtype=self.dtype)
         self.conv1 = conv1d(
-            self.features, 7, dilation=self.dilation, padding=3 * self.dilation, dtype=self.dtype
+            self.features, 7, dilation=self.dilation, padding=3 * self.dilation, **_opts(self)
         )
         self.snake2 = AntiAliasedSnakeBeta(self.features, dtype=self.dtype)
-        self.conv2 = conv1d(self.features, 1, padding=0, dtype=self.dtype)
+        self.conv2 = conv1d(self.features, 1, padding=0, **_opts(self))
 
     def __call__(self, x: Array, lengths: Array | None = None) -> Array:
         y = self.conv1(_zero_tail(self.snake1(x, lengths), lengths))
@@ -69,18 +76,20 @@ class EncoderBlock(nn.Module):
     features: int
     stride: int
     dtype: Any = jnp.float32
+    precision: Any = None
+    lowering: str = "auto"
 
     def setup(self):
-        self.res_unit1 = ResidualUnit(self.features, 1, dtype=self.dtype)
-        self.res_unit2 = ResidualUnit(self.features, 3, dtype=self.dtype)
-        self.res_unit3 = ResidualUnit(self.features, 9, dtype=self.dtype)
+        self.res_unit1 = ResidualUnit(self.features, 1, **_opts(self))
+        self.res_unit2 = ResidualUnit(self.features, 3, **_opts(self))
+        self.res_unit3 = ResidualUnit(self.features, 9, **_opts(self))
         self.snake1 = AntiAliasedSnakeBeta(self.features, dtype=self.dtype)
         self.conv1 = conv1d(
             2 * self.features,
             2 * self.stride,
             stride=self.stride,
             padding=math.ceil(self.stride / 2),
-            dtype=self.dtype,
+            **_opts(self),
         )
 
     def __call__(self, x: Array, lengths: Array | None = None) -> Array:
@@ -97,18 +106,20 @@ class AcousticEncoder(nn.Module):
 
     config: Xcodec2Config
     dtype: Any = jnp.float32
+    precision: Any = None
+    lowering: str = "auto"
 
     def setup(self):
         cfg = self.config
         width = cfg.encoder_hidden_size
-        self.conv1 = conv1d(width, 7, padding=3, dtype=self.dtype)
+        self.conv1 = conv1d(width, 7, padding=3, **_opts(self))
         self.block = [
-            EncoderBlock(width * 2**i, stride, dtype=self.dtype)
+            EncoderBlock(width * 2**i, stride, **_opts(self))
             for i, stride in enumerate(cfg.downsampling_ratios)
         ]
         d_model = width * 2 ** len(cfg.downsampling_ratios)
         self.snake1 = AntiAliasedSnakeBeta(d_model, dtype=self.dtype)
-        self.conv2 = conv1d(cfg.hidden_size, 3, padding=1, dtype=self.dtype)
+        self.conv2 = conv1d(cfg.hidden_size, 3, padding=1, **_opts(self))
 
     def __call__(self, x: Array, lengths: Array | None = None) -> Array:
         """x (B, T, 1) → (B, frames, hidden_size).

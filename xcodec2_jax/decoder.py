@@ -10,13 +10,16 @@ and attention keys, and left out of the ISTFT overlap-add and its window envelop
 
 from __future__ import annotations
 
+import functools
+from typing import Any
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from .config import Xcodec2Config
-from .nn.layers import GroupNorm, RMSNorm, attention, conv1d, zero_masked
+from .nn.layers import GroupNorm, RMSNorm, attention, conv1d, resolve_precision, scan_layers, zero_masked
 
 
 class ResNetBlock(nn.Module):
@@ -24,16 +27,21 @@ class ResNetBlock(nn.Module):
 
     config: Xcodec2Config
     dtype: jnp.dtype = jnp.float32
+    precision: Any = None
+    lowering: str = "auto"
 
     @nn.compact
     def __call__(self, x: jnp.ndarray, mask: jnp.ndarray | None = None) -> jnp.ndarray:
         h = self.config.hidden_size
+        conv = functools.partial(
+            conv1d, h, 3, padding=1, dtype=self.dtype, precision=self.precision, lowering=self.lowering
+        )
         y = GroupNorm(32, 1e-6, name="norm1")(x, mask)
         y = zero_masked(nn.silu(y).astype(self.dtype), mask)
-        y = conv1d(h, 3, padding=1, dtype=self.dtype, name="conv1")(y)
+        y = conv(name="conv1")(y)
         y = GroupNorm(32, 1e-6, name="norm2")(y, mask)
         y = zero_masked(nn.silu(y).astype(self.dtype), mask)
-        y = conv1d(h, 3, padding=1, dtype=self.dtype, name="conv2")(y)
+        y = conv(name="conv2")(y)
         return y + x
 
 
@@ -47,6 +55,8 @@ class Attention(nn.Module):
 
     config: Xcodec2Config
     dtype: jnp.dtype = jnp.float32
+    precision: Any = None
+    lowering: str = "auto"
 
     @nn.compact
     def __call__(self, x: jnp.ndarray, mask: jnp.ndarray | None = None) -> jnp.ndarray:
@@ -56,7 +66,9 @@ class Attention(nn.Module):
         b, n, _ = x.shape
 
         def proj(features, name):
-            return nn.Dense(features, use_bias=cfg.attention_bias, dtype=self.dtype, name=name)
+            return nn.Dense(
+                features, use_bias=cfg.attention_bias, dtype=self.dtype, precision=self.precision, name=name
+            )
 
         # Query heads are grouped per key/value head as repeat_kv expects: head h uses kv head h // groups.
         # Laid out (B, kv_heads, groups, N, head_dim) so the attention products batch over leading axes.
@@ -64,7 +76,9 @@ class Attention(nn.Module):
         k = proj(kv_heads * head_dim, "k_proj")(x).reshape(b, n, kv_heads, 1, head_dim)
         v = proj(kv_heads * head_dim, "v_proj")(x).reshape(b, n, kv_heads, 1, head_dim)
         q, k, v = (jnp.transpose(t, (0, 2, 3, 1, 4)) for t in (q, k, v))
-        out = attention(q, k, v, scale=head_dim**-0.5, key_mask=mask)
+        out = attention(
+            q, k, v, scale=head_dim**-0.5, key_mask=mask, precision=self.precision, lowering=self.lowering
+        )
         out = jnp.transpose(out, (0, 3, 1, 2, 4)).reshape(b, n, heads * head_dim)
         return proj(cfg.hidden_size, "o_proj")(out)
 
@@ -72,12 +86,14 @@ class Attention(nn.Module):
 class MLP(nn.Module):
     config: Xcodec2Config
     dtype: jnp.dtype = jnp.float32
+    precision: Any = None
 
     @nn.compact
     def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
         cfg = self.config
-        x = nn.Dense(cfg.intermediate_size, use_bias=False, dtype=self.dtype, name="fc1")(x)
-        return nn.Dense(cfg.hidden_size, use_bias=False, dtype=self.dtype, name="fc2")(nn.silu(x))
+        dense = functools.partial(nn.Dense, use_bias=False, dtype=self.dtype, precision=self.precision)
+        x = dense(cfg.intermediate_size, name="fc1")(x)
+        return dense(cfg.hidden_size, name="fc2")(nn.silu(x))
 
 
 class DecoderLayer(nn.Module):
@@ -85,14 +101,16 @@ class DecoderLayer(nn.Module):
 
     config: Xcodec2Config
     dtype: jnp.dtype = jnp.float32
+    precision: Any = None
+    lowering: str = "auto"
 
     @nn.compact
     def __call__(self, x: jnp.ndarray, mask: jnp.ndarray | None = None) -> jnp.ndarray:
         eps = self.config.rms_norm_eps
         h = RMSNorm(eps, dtype=self.dtype, name="input_layernorm")(x)
-        x = x + Attention(self.config, self.dtype, name="self_attn")(h, mask)
+        x = x + Attention(self.config, self.dtype, self.precision, self.lowering, name="self_attn")(h, mask)
         h = RMSNorm(eps, dtype=self.dtype, name="post_attention_layernorm")(x)
-        return x + MLP(self.config, self.dtype, name="mlp")(h)
+        return x + MLP(self.config, self.dtype, self.precision, name="mlp")(h)
 
 
 def _overlap_add(frames: jnp.ndarray, hop: int) -> jnp.ndarray:
@@ -129,7 +147,10 @@ class ISTFTHead(nn.Module):
         n_fft, hop = self.config.n_fft, self.config.hop_length
         if n_fft % hop:
             raise ValueError(f"n_fft ({n_fft}) must be a multiple of hop_length ({hop})")
-        pred = nn.Dense(n_fft + 2, dtype=jnp.float32, name="linear")(x.astype(jnp.float32))
+        # Always float32 at HIGHEST, like the rest of the ISTFT: exp() of the log-magnitude
+        # amplifies any error of this projection.
+        head = nn.Dense(n_fft + 2, dtype=jnp.float32, precision=jax.lax.Precision.HIGHEST, name="linear")
+        pred = head(x.astype(jnp.float32))
         log_mag, phase = jnp.split(pred, 2, axis=-1)
         # exp clamped at 1e2 as the original release does, keeping loud frames from blowing up.
         mag = jnp.minimum(jnp.exp(log_mag), 1e2)
@@ -159,20 +180,25 @@ class Decoder(nn.Module):
 
     config: Xcodec2Config
     dtype: jnp.dtype = jnp.float32
+    precision: Any = None
+    lowering: str = "auto"
 
     @nn.compact
     def __call__(self, latents: jnp.ndarray, mask: jnp.ndarray | None = None) -> jnp.ndarray:
         """``mask`` (B, N), true on valid frames: decode each item as if alone (see module doc)."""
         cfg, dtype = self.config, self.dtype
+        precision = resolve_precision(self.precision, dtype)
+        opts = (cfg, dtype, precision, self.lowering)
         if mask is not None:
             mask = jnp.asarray(mask).astype(bool)
-        x = nn.Dense(cfg.hidden_size, dtype=dtype, name="fc")(latents.astype(dtype))
-        x = conv1d(cfg.hidden_size, 7, padding=3, dtype=dtype, name="embed")(zero_masked(x, mask))
+        x = nn.Dense(cfg.hidden_size, dtype=dtype, precision=precision, name="fc")(latents.astype(dtype))
+        embed = conv1d(cfg.hidden_size, 7, padding=3, dtype=dtype, precision=precision, name="embed")
+        x = embed(zero_masked(x, mask))
         for i in range(2):
-            x = ResNetBlock(cfg, dtype, name=f"prior_net_{i}")(x, mask)
-        for i in range(cfg.num_hidden_layers):
-            x = DecoderLayer(cfg, dtype, name=f"layers_{i}")(x, mask)
+            x = ResNetBlock(*opts, name=f"prior_net_{i}")(x, mask)
+        # The layers are identical: one is traced and scanned over their stacked parameters.
+        x = scan_layers(DecoderLayer, cfg.num_hidden_layers)(*opts, name="layers")(x, mask)
         for i in range(2):
-            x = ResNetBlock(cfg, dtype, name=f"post_net_{i}")(x, mask)
+            x = ResNetBlock(*opts, name=f"post_net_{i}")(x, mask)
         x = nn.LayerNorm(epsilon=1e-6, dtype=jnp.float32, use_fast_variance=False, name="norm")(x)
         return ISTFTHead(cfg, name="head")(x, mask)

@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -62,8 +63,13 @@ class Quantizer(nn.Module):
 
     def setup(self):
         levels = self.config.quantization_levels
-        self.project_in = nn.Dense(len(levels), dtype=jnp.float32, name="project_in")
-        self.project_out = nn.Dense(self.config.quantization_dim, dtype=self.dtype, name="project_out")
+        # Both projections at HIGHEST whatever the model's precision: project_in feeds the rounding,
+        # and project_out maps the exact codebook rows that the decoder starts from.
+        highest = jax.lax.Precision.HIGHEST
+        self.project_in = nn.Dense(len(levels), dtype=jnp.float32, precision=highest, name="project_in")
+        self.project_out = nn.Dense(
+            self.config.quantization_dim, dtype=self.dtype, precision=highest, name="project_out"
+        )
 
     def __call__(self, hidden_states: jnp.ndarray) -> tuple[jnp.ndarray, jnp.ndarray]:
         """(B, N, quantization_dim) -> (latents (B, N, quantization_dim), indices (B, N) int32)."""

@@ -8,6 +8,8 @@ Inside, everything is channels-last; the public methods take and return the tran
 from __future__ import annotations
 
 import functools
+from collections.abc import Mapping
+from typing import Any
 
 import flax.linen as nn
 import flax.struct
@@ -19,6 +21,7 @@ from .acoustic import AcousticEncoder
 from .config import Xcodec2Config
 from .decoder import Decoder
 from .fsq import Quantizer
+from .nn.layers import PrecisionLike, check_lowering, resolve_precision
 from .semantic import SemanticAdapter, SemanticEncoder
 
 
@@ -70,20 +73,38 @@ def validate_codes(audio_codes, codebook_size: int) -> None:
 
 
 class Xcodec2Model(nn.Module):
-    """X-Codec2 in Flax. ``dtype`` is the compute dtype; FSQ, norms, softmax and ISTFT stay float32."""
+    """X-Codec2 in Flax.
+
+    ``dtype`` is the compute dtype; FSQ, norms, softmax and ISTFT stay float32. ``precision`` is that
+    of every other dot and convolution: ``None`` (the default) means HIGHEST for float32 compute,
+    which the reference's codes need on GPUs and TPUs too, where XLA's DEFAULT computes float32 dots
+    in TF32 or bfloat16 passes; ``"default"`` (or ``"tensorfloat32"``, ``"high"``) opts into that
+    speed. FSQ's projections, the feature extractor and the ISTFT are HIGHEST whatever is chosen.
+    ``lowering`` ("auto", "cpu", "generic") picks the device-specific variants of attention and
+    small convolutions; "auto" chooses by the platform each program is compiled for.
+    """
 
     config: Xcodec2Config
     dtype: jnp.dtype = jnp.float32
+    precision: PrecisionLike = None
+    lowering: str = "auto"
+
+    def __post_init__(self):
+        resolve_precision(self.precision, self.dtype)  # a bad value fails here, not at first call
+        check_lowering(self.lowering)
+        super().__post_init__()
 
     def setup(self):
         cfg, dtype = self.config, self.dtype
         sem = cfg.semantic_model_config
-        self.semantic_encoder = SemanticEncoder(sem, dtype=dtype)
-        self.semantic_adapter = SemanticAdapter(sem, dtype=dtype)
-        self.acoustic_encoder = AcousticEncoder(cfg, dtype=dtype)
-        self.fc_encoder = nn.Dense(cfg.hidden_size + sem.hidden_size, dtype=dtype)
+        opts = dict(dtype=dtype, precision=resolve_precision(self.precision, dtype), lowering=self.lowering)
+        self.semantic_encoder = SemanticEncoder(sem, **opts)
+        self.semantic_adapter = SemanticAdapter(sem, **opts)
+        self.acoustic_encoder = AcousticEncoder(cfg, **opts)
+        fused = cfg.hidden_size + sem.hidden_size
+        self.fc_encoder = nn.Dense(fused, dtype=dtype, precision=opts["precision"])
         self.quantizer = Quantizer(cfg, dtype=dtype)
-        self.acoustic_decoder = Decoder(cfg, dtype=dtype)
+        self.acoustic_decoder = Decoder(cfg, **opts)
 
     def encode(
         self,
@@ -195,6 +216,109 @@ class Xcodec2Model(nn.Module):
             latents=enc.latents if output_latents else None,
             audio_codes_mask=enc.audio_codes_mask,
         )
+
+
+def scanned_layers(config: Xcodec2Config) -> dict[tuple[str, ...], int]:
+    """Parent module path -> number of identical layers stored stacked under ``parent + ("layers",)``.
+
+    Checkpoints keep one entry per layer (``...layers.3.x``, path ``parent + ("layers_3", "x")``);
+    the model's parameter tree holds them stacked on a leading axis (``parent + ("layers", "x")`` of
+    shape ``(num_layers, *shape)``) so the layer is traced once and scanned. The loaders convert
+    with :func:`stack_layers` / :func:`unstack_layers`.
+    """
+    return {
+        ("semantic_encoder", "encoder"): config.semantic_model_config.num_hidden_layers,
+        ("acoustic_decoder",): config.num_hidden_layers,
+    }
+
+
+def _flatten(tree, prefix: tuple[str, ...] = ()) -> dict[tuple[str, ...], Any]:
+    flat = {}
+    for k, v in tree.items():
+        if isinstance(v, Mapping):
+            flat.update(_flatten(v, prefix + (k,)))
+        else:
+            flat[prefix + (k,)] = v
+    return flat
+
+
+def _unflatten(flat: Mapping[tuple[str, ...], Any]) -> dict[str, Any]:
+    tree: dict[str, Any] = {}
+    for path, v in flat.items():
+        node = tree
+        for p in path[:-1]:
+            node = node.setdefault(p, {})
+        node[path[-1]] = v
+    return tree
+
+
+def _layer_slot(path: tuple[str, ...], stacks: Mapping[tuple[str, ...], int]):
+    """(stacked path, layer index) of a checkpoint-layout path under a scanned parent, else None."""
+    for parent, count in stacks.items():
+        n = len(parent)
+        if len(path) > n + 1 and path[:n] == parent and path[n].startswith("layers_"):
+            index = path[n][len("layers_") :]
+            if index.isdigit() and int(index) < count:
+                return parent + ("layers",) + path[n + 1 :], int(index)
+    return None
+
+
+def stack_layers(flat: Mapping[tuple[str, ...], Any], config: Xcodec2Config) -> dict:
+    """Flat ``{path: array}`` in checkpoint layout (``layers_i``) -> nested model parameter tree.
+
+    Every layer of a stack must be present (the strict loaders check that first). numpy arrays stack
+    on the host, jax arrays where they are.
+    """
+    stacks = scanned_layers(config)
+    out: dict[tuple[str, ...], Any] = {}
+    groups: dict[tuple[str, ...], dict[int, Any]] = {}
+    for path, value in flat.items():
+        slot = _layer_slot(path, stacks)
+        if slot is None:
+            out[path] = value
+        else:
+            groups.setdefault(slot[0], {})[slot[1]] = value
+    for path, layers in groups.items():
+        values = [layers[i] for i in range(len(layers))]
+        out[path] = (np if all(isinstance(v, np.ndarray) for v in values) else jnp).stack(values)
+    return _unflatten(out)
+
+
+def unstack_layers(params: Mapping[str, Any], config: Xcodec2Config) -> dict:
+    """Nested model parameter tree -> flat ``{path: array}`` in checkpoint layout (``layers_i``).
+
+    ``jax.ShapeDtypeStruct`` leaves give per-layer ``ShapeDtypeStruct``s."""
+    out = {}
+    for path, value in _flatten(params).items():
+        parent = next((p for p in scanned_layers(config) if path[: len(p) + 1] == p + ("layers",)), None)
+        if parent is None:
+            out[path] = value
+            continue
+        rest = path[len(parent) + 1 :]
+        for i in range(value.shape[0]):
+            if isinstance(value, jax.ShapeDtypeStruct):
+                layer = jax.ShapeDtypeStruct(value.shape[1:], value.dtype)
+            else:
+                layer = value[i]
+            out[parent + (f"layers_{i}",) + rest] = layer
+    return out
+
+
+def keeps_float32(path: tuple[str, ...]) -> bool:
+    """True for a parameter of a float32 island, which a lower-precision cast of the params skips.
+
+    FSQ (``quantizer``: its rounding boundaries and codebook rows must be exact), every norm's
+    affine parameters (the norms compute in float32), SnakeBeta's ``alpha``/``beta`` (evaluated in
+    float32) and the ISTFT head (exp() of its output amplifies any error).
+    """
+    if path[0] == "quantizer" or path[-1] in ("alpha", "beta") or path[:2] == ("acoustic_decoder", "head"):
+        return True
+    return any("norm" in part for part in path[:-1])
+
+
+def checkpoint_shapes(config: Xcodec2Config) -> dict:
+    """Flat ``{path: ShapeDtypeStruct}`` of every parameter in checkpoint layout (one entry per layer)."""
+    return unstack_layers(abstract_params(config), config)
 
 
 @functools.lru_cache(maxsize=8)

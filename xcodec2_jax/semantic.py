@@ -9,6 +9,7 @@ run in ``dtype``, LayerNorm and softmax in fp32.
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import flax.linen as nn
@@ -16,7 +17,7 @@ import jax
 import jax.numpy as jnp
 
 from .config import SemanticConfig
-from .nn.layers import attention, conv1d, zero_masked
+from .nn.layers import attention, conv1d, resolve_precision, scan_layers, zero_masked
 
 __all__ = ["SemanticAdapter", "SemanticEncoder", "relative_distance_index"]
 
@@ -83,18 +84,22 @@ class _FeedForward(nn.Module):
     config: SemanticConfig
     act: str
     dtype: Any = jnp.float32
+    precision: Any = None
 
     @nn.compact
     def __call__(self, x):
         c = self.config
-        x = nn.Dense(c.intermediate_size, dtype=self.dtype, name="intermediate_dense")(x)
+        dense = functools.partial(nn.Dense, dtype=self.dtype, precision=self.precision)
+        x = dense(c.intermediate_size, name="intermediate_dense")(x)
         x = _activation(self.act)(x)
-        return nn.Dense(c.hidden_size, dtype=self.dtype, name="output_dense")(x)
+        return dense(c.hidden_size, name="output_dense")(x)
 
 
 class _SelfAttention(nn.Module):
     config: SemanticConfig
     dtype: Any = jnp.float32
+    precision: Any = None
+    lowering: str = "auto"
 
     @nn.compact
     def __call__(self, x, key_mask):
@@ -105,7 +110,7 @@ class _SelfAttention(nn.Module):
         def proj(name):
             # (B, heads, F, head_dim): the two attention products then batch over leading axes,
             # which XLA:CPU runs ~1.5x faster than with heads between frames and head_dim.
-            y = nn.Dense(c.hidden_size, dtype=self.dtype, name=name)(x)
+            y = nn.Dense(c.hidden_size, dtype=self.dtype, precision=self.precision, name=name)(x)
             return jnp.swapaxes(y.reshape(b, f, heads, head_dim), 1, 2)
 
         q, k, v = proj("linear_q"), proj("linear_k"), proj("linear_v")
@@ -122,15 +127,17 @@ class _SelfAttention(nn.Module):
                 # The reference gathers a (F, F, head_dim) embedding and contracts it with q.
                 # Contracting q with the small table first and gathering the (F, F) scores gives
                 # the same dot products for far less work and memory.
-                rel = jnp.einsum("bhqd,pd->bhqp", q_chunk, table)
+                rel = jnp.einsum("bhqd,pd->bhqp", q_chunk, table, precision=self.precision)
                 index = relative_distance_index(f, left, right, first, q_chunk.shape[2])
                 return jnp.take_along_axis(rel, index[None, None], axis=-1)
 
         # The reference's bidirectional mask hides padded keys from every query, padded queries
         # included (they still attend to the valid frames); masked logits get the float32 minimum.
-        out = attention(q, k, v, key_mask=key_mask, bias=bias)
+        out = attention(
+            q, k, v, key_mask=key_mask, bias=bias, precision=self.precision, lowering=self.lowering
+        )
         out = jnp.swapaxes(out, 1, 2).reshape(b, f, c.hidden_size)
-        return nn.Dense(c.hidden_size, dtype=self.dtype, name="linear_out")(out)
+        return nn.Dense(c.hidden_size, dtype=self.dtype, precision=self.precision, name="linear_out")(out)
 
 
 class _CausalDepthwiseConv(nn.Module):
@@ -163,35 +170,43 @@ class _CausalDepthwiseConv(nn.Module):
 class _ConvolutionModule(nn.Module):
     config: SemanticConfig
     dtype: Any = jnp.float32
+    precision: Any = None
+    lowering: str = "auto"
 
     @nn.compact
     def __call__(self, x, frame_mask):
         c = self.config
         h = c.hidden_size
+        pointwise = functools.partial(
+            conv1d, use_bias=False, dtype=self.dtype, precision=self.precision, lowering=self.lowering
+        )
         x = _layer_norm(c.layer_norm_eps, "layer_norm")(x).astype(self.dtype)
         x = zero_masked(x, frame_mask)
-        x = conv1d(2 * h, 1, use_bias=False, dtype=self.dtype, name="pointwise_conv1")(x)
+        x = pointwise(2 * h, 1, name="pointwise_conv1")(x)
         x = x[..., :h] * jax.nn.sigmoid(x[..., h:])  # GLU over channels
         x = _CausalDepthwiseConv(c.conv_depthwise_kernel_size, h, self.dtype, name="depthwise_conv")(x)
         x = _layer_norm(c.layer_norm_eps, "depthwise_layer_norm")(x).astype(self.dtype)
         x = _activation(c.hidden_act)(x)
-        return conv1d(h, 1, use_bias=False, dtype=self.dtype, name="pointwise_conv2")(x)
+        return pointwise(h, 1, name="pointwise_conv2")(x)
 
 
 class _EncoderLayer(nn.Module):
     config: SemanticConfig
     dtype: Any = jnp.float32
+    precision: Any = None
+    lowering: str = "auto"
 
     @nn.compact
     def __call__(self, x, frame_mask):
         c = self.config
         eps = c.layer_norm_eps
-        ffn1 = _FeedForward(c, c.hidden_act, self.dtype, name="ffn1")
+        opts = dict(dtype=self.dtype, precision=self.precision)
+        ffn1 = _FeedForward(c, c.hidden_act, **opts, name="ffn1")
         x = ffn1(_layer_norm(eps, "ffn1_layer_norm")(x).astype(self.dtype)) * 0.5 + x
-        attn = _SelfAttention(c, self.dtype, name="self_attn")
+        attn = _SelfAttention(c, **opts, lowering=self.lowering, name="self_attn")
         x = attn(_layer_norm(eps, "self_attn_layer_norm")(x).astype(self.dtype), frame_mask) + x
-        x = _ConvolutionModule(c, self.dtype, name="conv_module")(x, frame_mask) + x
-        ffn2 = _FeedForward(c, c.hidden_act, self.dtype, name="ffn2")
+        x = _ConvolutionModule(c, **opts, lowering=self.lowering, name="conv_module")(x, frame_mask) + x
+        ffn2 = _FeedForward(c, c.hidden_act, **opts, name="ffn2")
         x = ffn2(_layer_norm(eps, "ffn2_layer_norm")(x).astype(self.dtype)) * 0.5 + x
         return _layer_norm(eps, "final_layer_norm")(x).astype(self.dtype)
 
@@ -199,25 +214,31 @@ class _EncoderLayer(nn.Module):
 class _FeatureProjection(nn.Module):
     config: SemanticConfig
     dtype: Any = jnp.float32
+    precision: Any = None
 
     @nn.compact
     def __call__(self, x):
         x = _layer_norm(self.config.layer_norm_eps, "layer_norm")(x).astype(self.dtype)
-        return nn.Dense(self.config.hidden_size, dtype=self.dtype, name="projection")(x)
+        dense = nn.Dense(
+            self.config.hidden_size, dtype=self.dtype, precision=self.precision, name="projection"
+        )
+        return dense(x)
 
 
 class _Encoder(nn.Module):
     config: SemanticConfig
     dtype: Any = jnp.float32
+    precision: Any = None
+    lowering: str = "auto"
 
     @nn.compact
     def __call__(self, x, frame_mask):
         c = self.config
         # The reference zeroes padded frames once, before the first layer.
         x = zero_masked(x, frame_mask)
-        for i in range(c.num_hidden_layers):
-            x = _EncoderLayer(c, self.dtype, name=f"layers_{i}")(x, frame_mask)
-        return x
+        # The layers are identical: one is traced and scanned over their stacked parameters.
+        layers = scan_layers(_EncoderLayer, c.num_hidden_layers)
+        return layers(c, self.dtype, self.precision, self.lowering, name="layers")(x, frame_mask)
 
 
 class SemanticEncoder(nn.Module):
@@ -229,6 +250,8 @@ class SemanticEncoder(nn.Module):
 
     config: SemanticConfig
     dtype: Any = jnp.float32
+    precision: Any = None
+    lowering: str = "auto"
 
     def __post_init__(self):
         _check_config(self.config)
@@ -238,8 +261,9 @@ class SemanticEncoder(nn.Module):
     def __call__(self, input_features, attention_mask=None):
         c = self.config
         frame_mask = None if attention_mask is None else jnp.asarray(attention_mask).astype(bool)
-        x = _FeatureProjection(c, self.dtype, name="feature_projection")(input_features)
-        return _Encoder(c, self.dtype, name="encoder")(x, frame_mask)
+        precision = resolve_precision(self.precision, self.dtype)
+        x = _FeatureProjection(c, self.dtype, precision, name="feature_projection")(input_features)
+        return _Encoder(c, self.dtype, precision, self.lowering, name="encoder")(x, frame_mask)
 
 
 class SemanticAdapter(nn.Module):
@@ -247,6 +271,8 @@ class SemanticAdapter(nn.Module):
 
     config: SemanticConfig
     dtype: Any = jnp.float32
+    precision: Any = None
+    lowering: str = "auto"
 
     @nn.compact
     def __call__(self, x, frame_mask=None):
@@ -257,7 +283,17 @@ class SemanticAdapter(nn.Module):
         mask = None if frame_mask is None else jnp.asarray(frame_mask).astype(bool)
 
         def conv(name, bias, v):
-            return conv1d(h, 3, padding=1, use_bias=bias, dtype=self.dtype, name=name)(zero_masked(v, mask))
+            layer = conv1d(
+                h,
+                3,
+                padding=1,
+                use_bias=bias,
+                dtype=self.dtype,
+                precision=self.precision,
+                lowering=self.lowering,
+                name=name,
+            )
+            return layer(zero_masked(v, mask))
 
         x = jax.nn.relu(conv("conv1", False, x))
         # The reference takes the residual after the first ReLU, not at the adapter's input.

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -9,6 +10,52 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+PrecisionLike = str | jax.lax.Precision | None
+
+# How device-specific choices are lowered: "auto" picks, at lowering time, the CPU variant for CPU
+# and the generic one for every other platform (``jax.lax.platform_dependent``), so a program
+# compiled for a GPU or TPU from a process whose default backend is the CPU (or the reverse) gets
+# the right one. "cpu" and "generic" force a variant.
+LOWERINGS = ("auto", "cpu", "generic")
+
+
+def resolve_precision(precision: PrecisionLike, dtype: Any = jnp.float32) -> jax.lax.Precision:
+    """The ``lax.Precision`` of every dot and convolution for a compute ``dtype``.
+
+    ``None`` means HIGHEST for float32 compute: with ``Precision.DEFAULT``, XLA runs float32 dots
+    in TF32 on A100/H100 and in one bfloat16 pass on TPUs, which moves FSQ's rounding boundaries
+    and changes codes. For lower compute dtypes ``None`` means DEFAULT (the inputs are already
+    rounded). Strings are ``lax.Precision``'s names: "highest", "high" / "tensorfloat32", "default".
+    """
+    if precision is None:
+        return jax.lax.Precision.HIGHEST if jnp.dtype(dtype) == jnp.float32 else jax.lax.Precision.DEFAULT
+    if isinstance(precision, jax.lax.Precision):
+        return precision
+    if isinstance(precision, str):
+        try:
+            return jax.lax.Precision(precision.lower())
+        except ValueError:
+            pass
+    raise ValueError(
+        f"precision must be None, a jax.lax.Precision or one of 'highest', 'high', 'tensorfloat32', "
+        f"'default'; got {precision!r}"
+    )
+
+
+def check_lowering(lowering: str) -> str:
+    if lowering not in LOWERINGS:
+        raise ValueError(f"lowering must be one of {LOWERINGS}, got {lowering!r}")
+    return lowering
+
+
+def by_platform(lowering: str, cpu: Callable, generic: Callable, *args):
+    """``cpu(*args)`` or ``generic(*args)`` as ``lowering`` says (see :data:`LOWERINGS`)."""
+    if check_lowering(lowering) == "cpu":
+        return cpu(*args)
+    if lowering == "generic":
+        return generic(*args)
+    return jax.lax.platform_dependent(*args, cpu=cpu, default=generic)
 
 
 def zero_masked(x: jnp.ndarray, mask: jnp.ndarray | None) -> jnp.ndarray:
@@ -20,11 +67,13 @@ class Conv1d(nn.Module):
     """A torch ``Conv1d`` on (B, T, C) inputs with symmetric zero padding.
 
     Parameters as ``flax.linen.Conv``: ``kernel`` (kernel_size, in_features // groups, features) and
-    ``bias`` (features,), float32, cast to ``dtype`` for the compute. The lowering is picked per
-    shape, measured under XLA:CPU (2 cores, full config): a 1-wide kernel is a plain matmul (the
-    convolution op is ~30% slower there); a 2- or 3-wide one is one matmul over the concatenated
-    shifted inputs (up to 1.5x faster than the convolution op on 1024 channels); wider, strided or
-    grouped kernels use ``lax.conv_general_dilated``, which is at the matmul rate for those.
+    ``bias`` (features,), float32, cast to ``dtype`` for the compute, at ``precision`` (see
+    :func:`resolve_precision`). On the CPU (``lowering``, see :data:`LOWERINGS`) the lowering is
+    picked per shape, measured under XLA:CPU (2 cores, full config): a 1-wide kernel is a plain
+    matmul (the convolution op is ~30% slower there); a 2- or 3-wide one is one matmul over the
+    concatenated shifted inputs (up to 1.5x faster than the convolution op on 1024 channels); wider,
+    strided or grouped kernels, and every kernel on other platforms, use
+    ``lax.conv_general_dilated``.
     """
 
     features: int
@@ -35,6 +84,8 @@ class Conv1d(nn.Module):
     groups: int = 1
     use_bias: bool = True
     dtype: jnp.dtype = jnp.float32
+    precision: PrecisionLike = None
+    lowering: str = "auto"
 
     @nn.compact
     def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
@@ -52,15 +103,10 @@ class Conv1d(nn.Module):
         ).astype(self.dtype)
         x = x.astype(self.dtype)
         k, pad, dil = self.kernel_size, self.padding, self.dilation
-        if self.groups == 1 and self.stride == 1 and k <= 3:
-            if pad:
-                x = jnp.pad(x, ((0, 0), (pad, pad), (0, 0)))
-            n = x.shape[1] - dil * (k - 1)
-            if k > 1:
-                x = jnp.concatenate([x[:, i * dil : i * dil + n] for i in range(k)], axis=-1)
-            y = jnp.dot(x, kernel.reshape(k * in_features, self.features))
-        else:
-            y = jax.lax.conv_general_dilated(
+        precision = resolve_precision(self.precision, self.dtype)
+
+        def conv_op(x, kernel):
+            return jax.lax.conv_general_dilated(
                 x,
                 kernel,
                 (self.stride,),
@@ -68,7 +114,21 @@ class Conv1d(nn.Module):
                 rhs_dilation=(dil,),
                 dimension_numbers=("NWC", "WIO", "NWC"),
                 feature_group_count=self.groups,
+                precision=precision,
             )
+
+        def as_matmul(x, kernel):
+            if pad:
+                x = jnp.pad(x, ((0, 0), (pad, pad), (0, 0)))
+            n = x.shape[1] - dil * (k - 1)
+            if k > 1:
+                x = jnp.concatenate([x[:, i * dil : i * dil + n] for i in range(k)], axis=-1)
+            return jnp.dot(x, kernel.reshape(k * in_features, self.features), precision=precision)
+
+        if self.groups == 1 and self.stride == 1 and k <= 3:
+            y = by_platform(self.lowering, as_matmul, conv_op, x, kernel)
+        else:
+            y = conv_op(x, kernel)
         if self.use_bias:
             bias = self.param("bias", nn.initializers.zeros, (self.features,), jnp.float32)
             y = y + bias.astype(self.dtype)
@@ -85,6 +145,8 @@ def conv1d(
     groups: int = 1,
     use_bias: bool = True,
     dtype=jnp.float32,
+    precision: PrecisionLike = None,
+    lowering: str = "auto",
     name: str | None = None,
 ) -> Conv1d:
     """A torch ``Conv1d`` with symmetric zero padding, on (B, T, C) inputs (``name`` only outside setup)."""
@@ -97,8 +159,39 @@ def conv1d(
         groups=groups,
         use_bias=use_bias,
         dtype=dtype,
+        precision=precision,
+        lowering=lowering,
         name=name,
     )
+
+
+def scan_layers(layer: type[nn.Module], length: int) -> type[nn.Module]:
+    """A module class that runs ``length`` copies of ``layer`` one after the other, traced once.
+
+    It takes ``layer``'s fields, and its call ``(x, *args)`` returns the last layer's output, each
+    layer's ``x`` being the previous one's output and ``args`` broadcast to all. The parameters are
+    ``layer``'s, stacked on a leading axis of size ``length`` (``nn.scan``): compile time no longer
+    grows with depth, and the checkpoint loaders stack the per-layer tensors at load time.
+    """
+    return _scanned(layer, length)
+
+
+@functools.cache
+def _scanned(layer: type[nn.Module], length: int) -> type[nn.Module]:
+    class Step(layer):
+        def __call__(self, x, *args):
+            return super().__call__(x, *args), None
+
+    scanned = nn.scan(
+        Step, variable_axes={"params": 0}, split_rngs={"params": True}, in_axes=nn.broadcast, length=length
+    )
+
+    class Layers(scanned):
+        def __call__(self, x, *args):
+            return super().__call__(x, *args)[0]
+
+    Layers.__name__ = Layers.__qualname__ = f"Scanned{layer.__name__}"
+    return Layers
 
 
 class RMSNorm(nn.Module):
@@ -148,9 +241,7 @@ _CHUNK_SCORE_BYTES = 16 * 2**20
 
 
 def _query_chunk(score_shape: tuple[int, ...]) -> int | None:
-    """Queries per chunk for `attention` on the CPU backend, or None for one piece."""
-    if jax.default_backend() != "cpu":
-        return None
+    """Queries per chunk for `attention`'s CPU lowering, or None for one piece."""
     num_queries = score_shape[-2]
     if num_queries < 64:
         return None
@@ -169,19 +260,22 @@ def attention(
     scale: float | None = None,
     key_mask: jnp.ndarray | None = None,
     bias: Callable[[jnp.ndarray, Any], jnp.ndarray] | None = None,
+    precision: PrecisionLike = None,
+    lowering: str = "auto",
 ) -> jnp.ndarray:
     """Softmax attention over the last two axes: q (B, ..., Nq, D), k and v (B, ..., Nk, D) -> like q.
 
     The head axes of k and v broadcast against q's (grouped key/value heads). Logits are
     ``q·k`` (times ``scale`` if given) plus ``bias(q_chunk, first_query)`` if given, in q's dtype,
     then float32; ``key_mask`` (B, Nk), true on valid keys, gives the others the float32 minimum.
-    Softmax in float32, the weights cast back to v's dtype.
+    Softmax in float32, the weights cast back to v's dtype. Both products run at ``precision`` (see :func:`resolve_precision`).
 
-    On the CPU backend the queries are processed in a few chunks (a loop): the (Nq, Nk) score
-    matrices then stay in cache between the matmul, the softmax and the second matmul, which
-    measured 1.6-2.5x faster for the whole attention core from 300 to 1000 frames on 2 cores.
-    Each chunk's result is the same computation on fewer rows, so the output is unchanged.
+    On the CPU (``lowering``, see :data:`LOWERINGS`) the queries are processed in a few chunks (a
+    loop): the (Nq, Nk) score matrices then stay in cache between the matmul, the softmax and the
+    second matmul, which measured 1.6-2.5x faster for the whole attention core from 300 to 1000
+    frames on 2 cores. Each chunk's result is the same computation on fewer rows, so the output is unchanged.
     """
+    precision = resolve_precision(precision, q.dtype)
     b = q.shape[0]
     extra = q.ndim - 3  # head axes between batch and queries
     mask = None
@@ -189,7 +283,7 @@ def attention(
         mask = jnp.asarray(key_mask).astype(bool).reshape((b,) + (1,) * (extra + 1) + (k.shape[-2],))
 
     def attend(qc, first):
-        scores = jnp.matmul(qc, jnp.swapaxes(k, -1, -2))
+        scores = jnp.matmul(qc, jnp.swapaxes(k, -1, -2), precision=precision)
         if scale is not None:
             scores = scores * jnp.asarray(scale, scores.dtype)
         if bias is not None:
@@ -197,16 +291,20 @@ def attention(
         scores = scores.astype(jnp.float32)
         if mask is not None:
             scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
-        return jnp.matmul(jax.nn.softmax(scores, axis=-1).astype(v.dtype), v)
+        return jnp.matmul(jax.nn.softmax(scores, axis=-1).astype(v.dtype), v, precision=precision)
 
     num_queries = q.shape[-2]
     size = _query_chunk(q.shape[:-1] + (k.shape[-2],))
     if size is None:
         return attend(q, 0)
-    chunks = -(-num_queries // size)
-    padded = jnp.pad(q, [(0, 0)] * (q.ndim - 2) + [(0, chunks * size - num_queries), (0, 0)])
-    pieces = jnp.moveaxis(padded.reshape(q.shape[:-2] + (chunks, size, q.shape[-1])), -3, 0)
-    starts = jnp.arange(chunks, dtype=jnp.int32) * size
-    out = jax.lax.map(lambda xs: attend(*xs), (pieces, starts))
-    out = jnp.moveaxis(out, 0, -3).reshape(q.shape[:-2] + (chunks * size, out.shape[-1]))
-    return out[..., :num_queries, :]
+
+    def chunked(q):
+        chunks = -(-num_queries // size)
+        padded = jnp.pad(q, [(0, 0)] * (q.ndim - 2) + [(0, chunks * size - num_queries), (0, 0)])
+        pieces = jnp.moveaxis(padded.reshape(q.shape[:-2] + (chunks, size, q.shape[-1])), -3, 0)
+        starts = jnp.arange(chunks, dtype=jnp.int32) * size
+        out = jax.lax.map(lambda xs: attend(*xs), (pieces, starts))
+        out = jnp.moveaxis(out, 0, -3).reshape(q.shape[:-2] + (chunks * size, out.shape[-1]))
+        return out[..., :num_queries, :]
+
+    return by_platform(lowering, chunked, lambda q: attend(q, 0), q)
