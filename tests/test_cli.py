@@ -126,3 +126,22 @@ def test_cache_flags():
     assert parse(["decode", "a.npy", "-o", "out", "--no-cache"]).no_cache
     with pytest.raises(SystemExit):
         parse(["roundtrip", "a.wav", "b.wav", "--no-cache", "--cache-dir", "/tmp/c"])
+
+
+def test_precision_flag(tmp_path, monkeypatch, capsys):
+    import xcodec2_jax.codec
+
+    seen = []
+
+    def stub(*args, **kwargs):  # records what the CLI asks for; loading nothing keeps the test fast
+        seen.append(kwargs["precision"])
+        raise OSError("stub")
+
+    monkeypatch.setattr(xcodec2_jax.codec.Xcodec2Codec, "from_pretrained", stub)
+    wav = speech_files()[0]
+    for flag in ([], ["--precision", "default"], ["--precision", "tensorfloat32"]):
+        assert main(["encode", wav, "-o", str(tmp_path / "o"), *flag]) == 2
+    assert seen == [None, "default", "tensorfloat32"]
+    assert len(_lines(capsys.readouterr().err)) == 3
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["encode", "a", "-o", "o", "--precision", "fast"])

@@ -150,3 +150,14 @@ def test_buckets():
     assert [length_bucket(n) for n in (1, 8, 9, 11, 17, 100, 1000)] == [8, 8, 10, 12, 20, 112, 1024]
     assert [batch_bucket(n, 8) for n in (1, 2, 3, 5, 8)] == [1, 2, 4, 8, 8]
     assert batch_bucket(5, 6) == 6
+
+
+def test_precision_is_passed_to_the_model(small_ref):
+    config, params = small_ref.config, small_ref.params
+    for precision in (None, "highest", "default", "tensorfloat32"):
+        codec = Xcodec2Codec(config, params, precision=precision, compilation_cache=False)
+        assert codec.precision == precision and codec.model.precision == precision
+    with pytest.raises(ValueError, match="precision"):
+        Xcodec2Codec(config, params, precision="fast", compilation_cache=False)
+    with pytest.raises(ValueError, match="precision"):
+        Xcodec2Codec.from_pretrained(small_ref.path, precision="float16", compilation_cache=False)

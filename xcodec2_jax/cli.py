@@ -117,6 +117,7 @@ def _load_codec(args):
         return Xcodec2Codec.from_pretrained(
             args.model,
             dtype=dtype,
+            precision=args.precision,
             batch_size=args.batch_size,
             compilation_cache=False if args.no_cache else args.cache_dir,
         )
@@ -206,6 +207,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     common.add_argument("--batch-size", type=int, default=8, help="items per batch (default 8)")
     common.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="compute dtype")
+    common.add_argument(
+        "--precision",
+        choices=("highest", "default", "tensorfloat32"),
+        default=None,
+        help="float32 dots and convolutions: highest (the default for float32 compute; codes as the "
+        "reference's), or default / tensorfloat32 for the device's faster passes (TF32 on recent GPUs, "
+        "bfloat16 on TPUs), which can change codes; FSQ, features and the ISTFT stay highest",
+    )
     common.add_argument("--overwrite", action="store_true", help="replace existing outputs")
     cache = common.add_mutually_exclusive_group()
     cache.add_argument(

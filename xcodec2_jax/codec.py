@@ -20,10 +20,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from .cache import enable_compilation_cache
+from .checkpoint import load_checkpoint
 from .config import Xcodec2Config
 from .features import Xcodec2FeatureExtractor
 from .model import Xcodec2Model, validate_codes
-from .checkpoint import load_checkpoint
 
 DEFAULT_MODEL_ID = "HKUSTAudio/xcodec2-hf"
 SAMPLING_RATE = 16000
@@ -144,18 +144,23 @@ class Xcodec2Codec:
         params: Any,
         *,
         dtype: Any = jnp.float32,
+        precision: str | jax.lax.Precision | None = None,
         batch_size: int = 8,
         compilation_cache: str | os.PathLike | bool | None = None,
     ):
-        """``compilation_cache``: see :mod:`xcodec2_jax.cache` (None: JAX's persistent cache on, in the
+        """``precision`` is ``Xcodec2Model``'s: None (HIGHEST for float32 compute, as the reference's
+        codes need), or ``"highest"``, ``"default"`` / ``"tensorfloat32"`` (the device's faster float32
+        passes: TF32 on recent GPUs, bfloat16 on TPUs; FSQ, features and the ISTFT stay HIGHEST).
+        ``compilation_cache``: see :mod:`xcodec2_jax.cache` (None: JAX's persistent cache on, in the
         per-user folder; False: off; or a directory)."""
         if not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+        self.model = Xcodec2Model(config, dtype=dtype, precision=precision)  # checks precision
         self.compilation_cache_dir = enable_compilation_cache(compilation_cache)
         self.config = config
         self.dtype = dtype
+        self.precision = precision
         self.batch_size = batch_size
-        self.model = Xcodec2Model(config, dtype=dtype)
         self.params = jax.device_put(params)
         self.features = Xcodec2FeatureExtractor(hop_length=config.hop_length)
         model = self.model
@@ -179,6 +184,7 @@ class Xcodec2Codec:
         path_or_repo_id: str | os.PathLike = DEFAULT_MODEL_ID,
         *,
         dtype: Any = jnp.float32,
+        precision: str | jax.lax.Precision | None = None,
         batch_size: int = 8,
         revision: str | None = None,
         cache_dir: str | None = None,
@@ -195,6 +201,7 @@ class Xcodec2Codec:
             config,
             params,
             dtype=dtype,
+            precision=precision,
             batch_size=batch_size,
             compilation_cache=compilation_cache,
         )
