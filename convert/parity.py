@@ -15,7 +15,6 @@ figures plus the package versions and the JAX device. Needs the test extra (torc
 from __future__ import annotations
 
 import argparse
-import contextlib
 import importlib.metadata
 import json
 import os
@@ -125,25 +124,12 @@ def reference_stages(reference, inputs: dict) -> tuple[dict, np.ndarray]:
 
 
 def build_model(config, dtype: str, precision: str):
-    """Our model at ``dtype`` and ``precision``, the scope to run it in, and how precision was set.
-
-    A model without a ``precision`` field (older builds) gets the precision through
-    ``jax.default_matmul_precision`` around its traces instead; the third value says which.
-    """
-    import jax
     import jax.numpy as jnp
 
     from xcodec2_jax import Xcodec2Model
 
     jdtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[dtype]
-    try:
-        return Xcodec2Model(config, dtype=jdtype, precision=precision), contextlib.nullcontext, "model"
-    except TypeError:
-
-        def scope():
-            return jax.default_matmul_precision(precision)
-
-        return Xcodec2Model(config, dtype=jdtype), scope, "jax_default_matmul_precision"
+    return Xcodec2Model(config, dtype=jdtype, precision=precision)
 
 
 def jax_functions(model):
@@ -200,30 +186,27 @@ def run(checkpoint: str, audio_paths: Sequence[str], dtypes=DTYPES, precisions=P
     runs = []
     for dtype in dtypes:
         for precision in precisions:
-            model, scope, precision_via = build_model(config, dtype, precision)
-            encode, decode = jax_functions(model)
+            encode, decode = jax_functions(build_model(config, dtype, precision))
             per_file, equal, total = [], 0, 0
             start = time.perf_counter()
-            with scope():
-                for inputs, ref_stages, ref_codes in refs:
-                    codes, stages = encode(params, inputs)
-                    stages = dict(stages)
-                    stages["audio"] = decode(params, ref_codes.astype(np.int32))
-                    codes = np.asarray(codes)
-                    n_equal = int((codes == ref_codes).sum())
-                    equal, total = equal + n_equal, total + int(codes.size)
-                    per_file.append(
-                        {
-                            "codes_agreement": n_equal / codes.size,
-                            "stages": {k: relative_error(stages[k], ref_stages[k]) for k in STAGES},
-                        }
-                    )
+            for inputs, ref_stages, ref_codes in refs:
+                codes, stages = encode(params, inputs)
+                stages = dict(stages)
+                stages["audio"] = decode(params, ref_codes.astype(np.int32))
+                codes = np.asarray(codes)
+                n_equal = int((codes == ref_codes).sum())
+                equal, total = equal + n_equal, total + int(codes.size)
+                per_file.append(
+                    {
+                        "codes_agreement": n_equal / codes.size,
+                        "stages": {k: relative_error(stages[k], ref_stages[k]) for k in STAGES},
+                    }
+                )
             log(f"ours {dtype}/{precision}: {time.perf_counter() - start:.1f} s")
             runs.append(
                 {
                     "dtype": dtype,
                     "precision": precision,
-                    "precision_via": precision_via,
                     "codes_agreement": equal / total,
                     "codes_equal": equal,
                     "codes_total": total,
