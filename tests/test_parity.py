@@ -44,7 +44,7 @@ def test_parity_report_float32_highest(small_ref, tmp_path):
     assert report["files"][0]["path"] == audio and report["files"][0]["codes"] == run["codes_total"]
     for name in ("jax", "jaxlib", "flax", "torch", "transformers", "xcodec2_jax"):
         assert report["versions"][name], name
-    assert report["device"]["backend"] == "cpu" and report["device"]["device_kind"]
+    assert report["device"]["backend"] and report["device"]["device_kind"]
 
 
 def test_parity_missing_audio(small_ref, tmp_path):
