@@ -209,3 +209,34 @@ def test_bfloat16_compute_runs_close_to_float32(small_ref):
     corr = np.corrcoef(np.asarray(ours.audio_values).ravel(), np.asarray(ref.audio_values).ravel())[0, 1]
     print(f"bf16 vs fp32: codes agreement {100 * agreement:.1f}%, audio correlation {corr:.4f}")
     assert agreement >= 0.86 and corr >= 0.975
+
+
+def test_scanned_layers_load_strictly(small_ref, tmp_path):
+    """The conformer and decoder layers are stacked in the params, one per checkpoint layer; a layer
+    the model does not have, or a missing tensor of one it has, is still named by the loader."""
+    import json
+    import os
+
+    from safetensors.numpy import load_file, save_file
+
+    from xcodec2_jax import CheckpointMismatchError, load_params
+
+    cfg = small_ref.config
+    params = small_ref.params
+    assert params["acoustic_decoder"]["layers"]["mlp"]["fc1"]["kernel"].shape[0] == cfg.num_hidden_layers
+    conformer = params["semantic_encoder"]["encoder"]["layers"]
+    assert conformer["ffn1"]["output_dense"]["bias"].shape[0] == cfg.semantic_model_config.num_hidden_layers
+    assert not any(k.startswith("layers_") for k in params["acoustic_decoder"])
+
+    state = load_file(os.path.join(small_ref.path, "model.safetensors"))
+    extra = f"acoustic_decoder.layers.{cfg.num_hidden_layers}.mlp.fc1.weight"
+    state[extra] = state["acoustic_decoder.layers.0.mlp.fc1.weight"]
+    missing = "semantic_encoder.encoder.layers.2.ffn1.output_dense.bias"
+    del state[missing]
+    os.makedirs(tmp_path / "bad")
+    save_file(state, str(tmp_path / "bad" / "model.safetensors"))
+    with open(tmp_path / "bad" / "config.json", "w") as f:
+        json.dump(cfg.to_dict(), f)
+    with pytest.raises(CheckpointMismatchError) as info:
+        load_params(str(tmp_path / "bad"))
+    assert extra in str(info.value) and missing in str(info.value)

@@ -19,6 +19,7 @@ import math
 from collections.abc import Callable, Sequence
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
@@ -253,9 +254,22 @@ def anti_aliased(
 
     `lengths` (B,), optional: item b's first lengths[b] outputs are then those of x[b, :lengths[b]]
     run alone; both replicate pads are re-applied at that end. Later outputs are unspecified.
+    Only the outputs within the filters' reach of an item's end differ from the plain path, so
+    they are recomputed on a short window around each end (see `_exact_tails`) while the bulk runs
+    the plain path: re-padding the full signal per item measured 2.6x the plain encoder's time.
     """
     taps = _downsample_taps(ratio, kernel_size)
     lo, hi = _span(taps)
+    if lengths is not None and x.shape[1] > _TAIL_WINDOW:
+        up_lo, up_hi = _span(_upsample_taps(ratio, kernel_size))
+        plain = anti_aliased(x, act, ratio, kernel_size)
+        return _exact_tails(
+            x,
+            plain,
+            lengths,
+            lambda window, n: anti_aliased(window, act, ratio, kernel_size, n),
+            reach=(up_lo + lo, up_hi + hi),
+        )
     if lengths is not None:
         x = hold_last(x, lengths)
     phases = _upsample_phases(x, ratio, kernel_size, act, extend=(-lo, hi))
@@ -266,6 +280,39 @@ def anti_aliased(
         last = jnp.take_along_axis(phases[-1], end - 1, axis=1)
         phases = [jnp.where(rows < end, p, last) for p in phases]
     return _slice_sum(list(zip(phases, taps, strict=True)), -lo, x.shape[1])
+
+
+# Frames of the window that `_exact_tails` recomputes at each item's end: at least the filters'
+# reach on both sides (12 frames for the kernel-12 resamplers), rounded up for vector widths.
+_TAIL_WINDOW = 32
+
+
+def _exact_tails(
+    x: Array,
+    plain: Array,
+    lengths: Array,
+    exact: Callable[[Array, Array], Array],
+    reach: tuple[int, int],
+) -> Array:
+    """``plain`` (the function of x without lengths) with each item's last frames made exact.
+
+    An output frame j of a local filter reads x[j + reach[0] : j + reach[1] + 1]; where that lies
+    inside the item (j + reach[1] < lengths[b]) the plain result already is the item's own. The
+    other frames, the last reach[1] before the end, are taken from ``exact(window, n)``: the
+    per-item computation on the `_TAIL_WINDOW` frames ending at the item's end (n valid frames in
+    each window). A window that does not start at frame 0 has an artificial left edge, so its
+    first -reach[0] frames are not used.
+    """
+    width = _TAIL_WINDOW
+    lengths = jnp.asarray(lengths, jnp.int32)
+    start = jnp.clip(lengths - width, 0, x.shape[1] - width)
+    take = jax.vmap(lambda v, s: lax.dynamic_slice_in_dim(v, s, width, axis=0))
+    fixed = exact(take(x, start), lengths - start)
+    rows = lax.broadcasted_iota(jnp.int32, (1, width, 1), 1)
+    first_exact = jnp.where(start > 0, -reach[0], 0)[:, None, None]
+    window = jnp.where(rows >= first_exact, fixed.astype(plain.dtype), take(plain, start))
+    put = jax.vmap(lambda v, w, s: lax.dynamic_update_slice_in_dim(v, w, s, axis=0))
+    return put(plain, window, start)
 
 
 class SnakeBeta(nn.Module):
