@@ -187,3 +187,33 @@ def test_device_and_sharding_placement_and_dtype(small_ref):
         load_params(small_ref.path, device=device, sharding=single)
     with pytest.raises(ValueError, match="no entry"):
         load_params(small_ref.path, sharding={"fc_encoder": {"kernel": single}})
+
+
+def test_orbax_in_either_layout(small_ref, tmp_path):
+    """Orbax holds the model layout (scanned layers stacked); one written per layer loads too."""
+    import jax
+
+    from xcodec2_jax.checkpoint import detect_format, load_checkpoint, save_orbax
+
+    params = load_params(small_ref.path)
+    stacked, per_layer = tmp_path / "stacked", tmp_path / "per_layer"
+    save_orbax(stacked, params, small_ref.config)
+    flat = unstack_layers(params, small_ref.config)
+    save_orbax(per_layer, _nest(flat), small_ref.config)
+    for where in (stacked, per_layer):
+        assert detect_format(where) == "orbax"
+        config, restored = load_checkpoint(where, device=jax.devices()[0])
+        assert config == small_ref.config
+        assert dict(_flat(restored)).keys() == dict(_flat(params)).keys()
+        for path, value in _flat(restored):
+            np.testing.assert_array_equal(np.asarray(value), dict(_flat(params))[path])
+
+
+def _nest(flat):
+    tree = {}
+    for path, value in flat.items():
+        node = tree
+        for p in path[:-1]:
+            node = node.setdefault(p, {})
+        node[path[-1]] = np.asarray(value)
+    return tree

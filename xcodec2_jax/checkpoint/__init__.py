@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from .io import (
@@ -115,9 +116,10 @@ def load_checkpoint(
 ):
     """``(config, params)`` of a checkpoint; see :func:`load_params` for the arguments."""
     from ..model import checkpoint_shapes, scanned_layers
+    from .io import populated_buffer
     from .orbax import restore
-    from .place import assemble
-    from .transformers import map_state
+    from .place import assemble, host_bytes, stays_on_host
+    from .transformers import UNUSED_KEYS, map_state
 
     if sharding is not None and device is not None:
         raise ValueError("pass either sharding or device, not both")
@@ -131,8 +133,17 @@ def load_checkpoint(
     tensors = TensorReader().tensors(index)
     if fmt == "original":
         tensors = to_transformers(tensors)
-    placed = map_state(tensors, checkpoint_shapes(config), source=f"checkpoint {path!r}")
-    return config, assemble(placed, scanned_layers(config), dtype=dtype, placement=placement)
+    tensors = {k: v for k, v in tensors.items() if k not in UNUSED_KEYS}
+    # The host buffer is populated on another thread while the model is traced for its shapes.
+    with ThreadPoolExecutor(1) as pool:
+        buffer = (
+            pool.submit(populated_buffer, host_bytes(tensors, dtype)) if stays_on_host(placement) else None
+        )
+        expected = checkpoint_shapes(config)
+        buffer = None if buffer is None else buffer.result()
+    placed = map_state(tensors, expected, source=f"checkpoint {path!r}")
+    params = assemble(placed, scanned_layers(config), dtype=dtype, placement=placement, buffer=buffer)
+    return config, params
 
 
 def load_params(

@@ -236,19 +236,29 @@ def aligned_empty(shape: tuple[int, ...], dtype: Any, alignment: int = 64) -> np
 def populated_buffer(nbytes: int) -> np.ndarray:
     """A fresh, page-aligned, writable ``uint8`` buffer of ``nbytes``, its pages already in place.
 
-    Anonymous memory populated in one call (``MADV_POPULATE_WRITE``, Linux 5.14+): faulting
-    gigabytes in on first write, 4 KiB at a time, costs several times more on a virtual machine.
-    Huge pages are not asked for: with the kernel's default ``defrag=madvise`` they can stall the
-    allocation for seconds in direct compaction when memory is fragmented.
+    Anonymous memory populated in one call (``MADV_POPULATE_WRITE``, Linux 5.14+), made through
+    ctypes so that the GIL is released meanwhile (the loader populates while the model is traced):
+    faulting gigabytes in on first write, 4 KiB at a time, costs several times more on a virtual
+    machine. Huge pages are not asked for: with the kernel's default ``defrag=madvise`` they can
+    stall the allocation for seconds in direct compaction when memory is fragmented.
     """
     if nbytes == 0 or not hasattr(mmap, "MAP_ANONYMOUS"):
         return aligned_empty((nbytes,), np.uint8)
     mm = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    buffer = np.frombuffer(mm, np.uint8)
     try:
-        mm.madvise(getattr(mmap, "MADV_POPULATE_WRITE", 23))
-    except OSError:  # older kernel: pages fault in on first write instead
+        import ctypes
+
+        madvise = ctypes.CDLL(None, use_errno=True).madvise
+        madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
+        madvise(buffer.ctypes.data, nbytes, getattr(mmap, "MADV_POPULATE_WRITE", 23))
+    except (OSError, AttributeError):  # no libc madvise here: pages fault in on first write instead
         pass
-    return np.frombuffer(mm, np.uint8)
+    return buffer
+
+
+def padded_size(nbytes: int, alignment: int = 64) -> int:
+    return -(-nbytes // alignment) * alignment
 
 
 def flatten(tree: Mapping[str, Any], prefix: tuple[str, ...] = ()) -> dict[tuple[str, ...], Any]:

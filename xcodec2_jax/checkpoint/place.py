@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from .io import Tensor, aligned_empty, flatten, populated_buffer, unflatten
+from .io import Tensor, aligned_empty, flatten, padded_size, populated_buffer, unflatten
 from .transformers import path_to_torch_key
 
 _LAYER = re.compile(r"layers_(\d+)")
@@ -96,15 +96,16 @@ class _Arena:
     """One allocation for every parameter, carved into 64-byte-aligned views.
 
     For parameters that stay in host memory (no placement, or a CPU device): one populated allocation
-    (see ``populated_buffer``) instead of page faults spread over every copy.
+    (see ``populated_buffer``) instead of page faults spread over every copy. ``buffer``, if given and
+    large enough, is used instead of a new one (``load_checkpoint`` populates it during the trace).
     """
 
-    def __init__(self, specs):
+    def __init__(self, specs, buffer: np.ndarray | None = None):
         self.specs, self.offsets, total = specs, {}, 0
         for path, spec in specs.items():
             self.offsets[path] = total
-            total += -(-_nbytes(spec) // 64) * 64
-        self.buffer = populated_buffer(total)
+            total += padded_size(_nbytes(spec))
+        self.buffer = buffer if buffer is not None and buffer.size >= total else populated_buffer(total)
 
     def view(self, path) -> np.ndarray:
         shape, dt = self.specs[path]
@@ -120,6 +121,25 @@ def _fill(buf: np.ndarray, items, placed) -> None:
         del array
         if isinstance(value, Tensor):
             value.release()
+
+
+def host_bytes(tensors: Mapping[str, Any], dtype: Any = None) -> int:
+    """An upper bound of the arena that ``assemble`` carves for these tensors (all of them placed)."""
+    return sum(
+        padded_size(int(np.prod(t.shape, dtype=np.int64)) * _out_dtype(np.dtype(t.dtype), dtype).itemsize)
+        for t in tensors.values()
+    )
+
+
+def stays_on_host(placement: Any) -> bool:
+    """True if parameters placed by ``placement`` live in this process's memory (None or one CPU)."""
+    if placement is None:
+        return True
+    import jax
+
+    if isinstance(placement, jax.Device):
+        return placement.platform == "cpu"
+    return isinstance(placement, jax.sharding.Sharding) and _on_one_cpu(placement)
 
 
 def _on_one_cpu(sharding) -> bool:
@@ -155,6 +175,7 @@ def assemble(
     dtype: Any = None,
     placement: Any = None,
     workers: int | None = None,
+    buffer: np.ndarray | None = None,
 ) -> dict[str, Any]:
     """``{checkpoint path: (tensor, perm)}`` (from ``map_state``) -> the nested model parameter tree.
 
@@ -167,7 +188,7 @@ def assemble(
     shardings = None if placement is None else _shardings(placement, groups)
     arena = None
     if shardings is None or all(_on_one_cpu(shardings[p]) for p in groups):
-        arena = _Arena(specs)
+        arena = _Arena(specs, buffer)
     if shardings is not None:
         import jax
 
