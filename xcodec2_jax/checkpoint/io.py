@@ -14,6 +14,7 @@ import json
 import math
 import mmap
 import os
+import threading
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -187,12 +188,14 @@ class TensorReader:
     def __init__(self):
         self._maps: dict[str, mmap.mmap] = {}
         self._page = mmap.PAGESIZE
+        self._lock = threading.Lock()  # tensors are read from several threads
 
     def _map(self, file: str) -> mmap.mmap:
-        if file not in self._maps:
-            with open(file, "rb") as f:
-                self._maps[file] = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
-        return self._maps[file]
+        with self._lock:
+            if file not in self._maps:
+                with open(file, "rb") as f:
+                    self._maps[file] = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+            return self._maps[file]
 
     def view(self, info: TensorInfo) -> np.ndarray:
         n = math.prod(info.shape)
