@@ -85,9 +85,15 @@ def restore(path: str, config, *, dtype: Any = None, placement: Any = None) -> d
         ]
         raise CheckpointMismatchError(unexpected, missing, mismatched, source=f"Orbax checkpoint {path!r}")
     if dtype is not None:
-        params = jax.tree.map(
-            lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, params
-        )
+        from ..model import keeps_float32
+
+        def cast(path, x):
+            if not jnp.issubdtype(x.dtype, jnp.floating):
+                return x
+            names = tuple(getattr(k, "key", k) for k in path)
+            return x.astype(jnp.float32 if keeps_float32(names) else dtype)
+
+        params = jax.tree_util.tree_map_with_path(cast, params)
     return params
 
 

@@ -184,7 +184,13 @@ def assemble(
     dropped once placed (on a CPU device, adopted by XLA without a copy).
     """
     groups = model_paths(placed, stacks)
-    specs = {p: _leaf_spec(items, placed, dtype) for p, items in groups.items()}
+    from ..model import keeps_float32
+
+    # A cast to a lower precision skips the float32 islands (FSQ, norms, SnakeBeta, ISTFT head).
+    island = None if dtype is None else np.float32
+    specs = {
+        p: _leaf_spec(items, placed, island if keeps_float32(p) else dtype) for p, items in groups.items()
+    }
     shardings = None if placement is None else _shardings(placement, groups)
     arena = None
     if shardings is None or all(_on_one_cpu(shardings[p]) for p in groups):
