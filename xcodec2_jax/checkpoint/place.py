@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 
 from .io import Tensor, aligned_empty, flatten, padded_size, populated_buffer, unflatten
-from .transformers import path_to_torch_key
+from .transformers import path_to_torch_key, torch_key_to_path
 
 _LAYER = re.compile(r"layers_(\d+)")
 
@@ -124,11 +124,17 @@ def _fill(buf: np.ndarray, items, placed) -> None:
 
 
 def host_bytes(tensors: Mapping[str, Any], dtype: Any = None) -> int:
-    """An upper bound of the arena that ``assemble`` carves for these tensors (all of them placed)."""
-    return sum(
-        padded_size(int(np.prod(t.shape, dtype=np.int64)) * _out_dtype(np.dtype(t.dtype), dtype).itemsize)
-        for t in tensors.values()
-    )
+    """The arena that ``assemble`` carves for these transformers-named tensors (all of them placed),
+    or a little more (its padding is per parameter, this per tensor)."""
+    from ..model import keeps_float32
+
+    total = 0
+    for key, t in tensors.items():
+        target = dtype if dtype is None or not keeps_float32(torch_key_to_path(key)) else np.float32
+        total += padded_size(
+            int(np.prod(t.shape, dtype=np.int64)) * _out_dtype(np.dtype(t.dtype), target).itemsize
+        )
+    return total
 
 
 def stays_on_host(placement: Any) -> bool:
