@@ -270,6 +270,8 @@ def process_rows(results: dict[str, list[dict]]) -> list[dict]:
             "rss_mb": [round(x, 1) for x in rss],
             "user_s": statistics.median(m["user_s"] for m in runs),
             "sys_s": statistics.median(m["sys_s"] for m in runs),
+            # CPU seconds (user + system) move less than wall time when other jobs share the cores.
+            "cpu_s": statistics.median(m["user_s"] + m["sys_s"] for m in runs),
         }
         if "codes" in runs[0]:
             row["codes_agreement"] = min(agreement(m["codes"], ref_codes) for m in runs)
@@ -286,6 +288,7 @@ def process_rows(results: dict[str, list[dict]]) -> list[dict]:
         torch_row = summary(stage, "torch", results["torch"])
         jax_row["time_ratio_vs_torch"] = jax_row["median_s"] / torch_row["median_s"]
         jax_row["rss_ratio_vs_torch"] = jax_row["max_rss_mb"] / torch_row["max_rss_mb"]
+        jax_row["cpu_ratio_vs_torch"] = jax_row["cpu_s"] / torch_row["cpu_s"]
         rows += [jax_row, torch_row]
     rows.append(summary("cli_encode", "extractor-import", results["extractor-import"]))
     return rows
@@ -364,12 +367,24 @@ def run_in_process(args, checkpoint: str, audio: np.ndarray, cache_dir: str | No
 # ------------------------------------------------------------------------------------------------ main
 
 
+def _git_state() -> str | None:
+    """The commit measured, with "+dirty" when the working tree differs from it."""
+    try:
+        rev = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True, check=True
+        ).stdout.strip()
+        dirty = subprocess.run(["git", "diff", "--quiet", "HEAD"], cwd=REPO).returncode != 0
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return rev + ("+dirty" if dirty else "")
+
+
 def progress_line(row: dict) -> str:
     extra = ""
     if row.get("time_ratio_vs_torch") is not None:
         extra += f"  {row['time_ratio_vs_torch']:.2f}x torch's time"
     if row.get("rss_ratio_vs_torch") is not None:
-        extra += f", {row['rss_ratio_vs_torch']:.2f}x its RSS"
+        extra += f", {row['rss_ratio_vs_torch']:.2f}x its RSS, {row['cpu_ratio_vs_torch']:.2f}x its CPU s"
     if "codes_agreement" in row:
         extra += f"  codes {100 * row['codes_agreement']:.2f}% ({row['distinct_codes']} distinct)"
     if row.get("compile_s") is not None:
@@ -427,6 +442,7 @@ def main(argv=None) -> int:
             "batch": 1,
             "audio_s": args.duration,
             "audio_source": audio_source,
+            "git": _git_state(),
         }
         if not args.skip_cli:
             load_start = measure._loadavg()

@@ -141,6 +141,7 @@ def test_bench_cli_rows_and_codes(tmp_path):
         assert ours["max_rss_mb"] > 0 and ref["max_rss_mb"] > 0
         assert ours["time_ratio_vs_torch"] == ours["median_s"] / ref["median_s"]
         assert ours["rss_ratio_vs_torch"] == ours["max_rss_mb"] / ref["max_rss_mb"]
+        assert ours["cpu_ratio_vs_torch"] == ours["cpu_s"] / ref["cpu_s"] > 0
         assert ours["codes_agreement"] == 1.0 and ours["num_codes"] == 101 and ours["distinct_codes"] > 1
         assert ours["cache_files"] > 0
     # The warm run's RSS is its own (not the benchmark process's, which holds torch and JAX).
