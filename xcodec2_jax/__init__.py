@@ -25,11 +25,11 @@ _EXPORTS = {
 __all__ = sorted(_EXPORTS)
 
 if TYPE_CHECKING:  # static names for type checkers and IDEs; at run time __getattr__ resolves them
+    from .checkpoint import CheckpointMismatchError, load_checkpoint, load_params  # noqa: F401
     from .codec import EncodedAudio, Xcodec2Codec  # noqa: F401
     from .config import SemanticConfig, Xcodec2Config  # noqa: F401
     from .features import Xcodec2FeatureExtractor, fbank_features_jax  # noqa: F401
     from .model import Xcodec2Model  # noqa: F401
-    from .checkpoint import CheckpointMismatchError, load_checkpoint, load_params  # noqa: F401
 
 
 def __getattr__(name: str):

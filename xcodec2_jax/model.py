@@ -332,7 +332,11 @@ def abstract_params(config: Xcodec2Config) -> dict:
     features = jax.ShapeDtypeStruct(
         (1, 2, config.semantic_model_config.feature_projection_input_dim), jnp.float32
     )
-    variables = jax.eval_shape(Xcodec2Model(config).init, jax.random.PRNGKey(0), values, features)
+    # The parameters do not depend on the lowering; "generic" traces one variant instead of two.
+    model = Xcodec2Model(config, lowering="generic")
+    # An abstract key: a concrete one would be computed (and compiled) on the device first.
+    key = jax.ShapeDtypeStruct((2,), jnp.uint32)
+    variables = jax.eval_shape(model.init, key, values, features)
     return variables["params"]
 
 

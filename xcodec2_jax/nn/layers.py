@@ -268,7 +268,8 @@ def attention(
     The head axes of k and v broadcast against q's (grouped key/value heads). Logits are
     ``q·k`` (times ``scale`` if given) plus ``bias(q_chunk, first_query)`` if given, in q's dtype,
     then float32; ``key_mask`` (B, Nk), true on valid keys, gives the others the float32 minimum.
-    Softmax in float32, the weights cast back to v's dtype. Both products run at ``precision`` (see :func:`resolve_precision`).
+    Softmax in float32, the weights cast back to v's dtype. Both products run at ``precision``
+    (see :func:`resolve_precision`).
 
     On the CPU (``lowering``, see :data:`LOWERINGS`) the queries are processed in a few chunks (a
     loop): the (Nq, Nk) score matrices then stay in cache between the matmul, the softmax and the
