@@ -85,6 +85,11 @@ def _files(folder) -> set[str]:
     return {os.path.relpath(os.path.join(d, f), folder) for d, _, fs in os.walk(folder) for f in fs}
 
 
+def _entries(folder) -> set[str]:
+    """JAX's executables (``<module>-<key>-cache``) at the folder's top level."""
+    return {f for f in _files(folder) if os.sep not in f and f.endswith("-cache")}
+
+
 @pytest.fixture(scope="module")
 def wavs(tmp_path_factory):
     """Two noise files of different lengths inside one length bucket (51 and 56 codes -> 56)."""
@@ -106,8 +111,7 @@ def test_second_process_compiles_nothing_for_the_same_bucket(small_ref, wavs, tm
     first = _child("cli", ["encode", wavs[0], "-o", str(tmp_path / "o1"), *model], env)
     assert first["compiles"] > 0 and first["hits"] == 0
     written = _files(folder)
-    assert any(name.startswith("jit_encode") for name in written), written
-    assert len(written) == first["compiles"]
+    assert len(_entries(folder)) == first["compiles"], written
 
     second = _child("cli", ["encode", wavs[1], "-o", str(tmp_path / "o2"), *model], env)
     assert second["compiles"] == 0, second
@@ -144,7 +148,7 @@ def test_cache_dir_flag_and_variable(small_ref, wavs, tmp_path):
         ["encode", wavs[0], "-o", str(tmp_path / "o"), "--model", small_ref.path, "--cache-dir", str(folder)],
         _env(XDG_CACHE_HOME=str(xdg)),
     )
-    assert first["compiles"] > 0 and len(_files(folder)) == first["compiles"]
+    assert first["compiles"] > 0 and len(_entries(folder)) == first["compiles"]
     second = _child(
         "api", [small_ref.path, wavs[1]], _env(XDG_CACHE_HOME=str(xdg), XCODEC2_JAX_CACHE_DIR=str(folder))
     )
