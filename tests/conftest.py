@@ -11,11 +11,16 @@ from __future__ import annotations
 
 import glob
 import os
+import tempfile
 
 import numpy as np
 import pytest
 
 DATA_DIR = os.path.join(os.path.dirname(__file__), "data")
+
+# Codecs built with the default cache settings keep their compilations and traced programs in a
+# folder of this test session (inherited by the CLI subprocesses), never in the user's ~/.cache.
+os.environ.setdefault("XCODEC2_JAX_CACHE_DIR", tempfile.mkdtemp(prefix="xcodec2-jax-test-cache-"))
 
 # A small config with odd sizes: 3 decoder layers, levels (5, 5, 5, 4) (odd half widths), a 5-layer
 # conformer with a short relative-position window, hop 320 so the semantic and acoustic frame rates

@@ -17,6 +17,11 @@ kept (``jax_persistent_cache_min_compile_time_secs = 0``; JAX's default keeps on
 that a second run of the same shapes compiles nothing. JAX does not bound the folder's size by
 default (``jax_compilation_cache_max_size``); one full-model encode bucket takes a few MB to tens of MB.
 Like JAX's, the cache is trusted code: the folder is created readable by its owner only.
+
+Compiled executables are not all: a new process would still trace and lower the model before it
+could look one up. ``Xcodec2Codec`` therefore also keeps its traced programs, serialized with
+``jax.export``, in the subfolder ``xcodec2_jax_programs`` of the same folder (see
+:mod:`xcodec2_jax.programs`); the same switches turn that off.
 """
 
 from __future__ import annotations

@@ -24,6 +24,7 @@ from .checkpoint import load_checkpoint
 from .config import Xcodec2Config
 from .features import Xcodec2FeatureExtractor
 from .model import Xcodec2Model, validate_codes
+from .programs import cached_jit, programs_dir
 
 DEFAULT_MODEL_ID = "HKUSTAudio/xcodec2-hf"
 SAMPLING_RATE = 16000
@@ -175,8 +176,12 @@ class Xcodec2Codec:
             )
             return out.audio_values[:, 0]
 
-        self._encode = jax.jit(encode)
-        self._decode = jax.jit(decode)
+        # Traced programs are kept beside the compilation cache (and off with it): a later process
+        # then neither traces, lowers nor compiles a bucket it has seen.
+        programs = programs_dir(self.compilation_cache_dir)
+        key = (config, jnp.dtype(dtype).name, self.model.precision, self.model.lowering)
+        self._encode = cached_jit(encode, "encode", key, programs)
+        self._decode = cached_jit(decode, "decode", key, programs)
 
     @classmethod
     def from_pretrained(

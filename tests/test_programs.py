@@ -1,0 +1,102 @@
+"""Traced programs kept beside the compilation cache: a second process with the same cache folder does
+not trace the model again, and gets the same codes; with the cache off nothing is kept."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import soundfile as sf
+
+from xcodec2_jax import cache, programs
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TIMEOUT_S = 300
+
+# Counts how often the model's encode and decode are traced around one encode + decode.
+CHILD = r"""
+import json, sys
+import soundfile as sf
+from xcodec2_jax import Xcodec2Codec
+from xcodec2_jax.model import Xcodec2Model
+
+cache_setting = None if sys.argv[3] == "default" else False
+codec = Xcodec2Codec.from_pretrained(sys.argv[1], compilation_cache=cache_setting)
+# Counted from here: loading traces the model once for its parameter shapes.
+traces = {"encode": 0, "decode": 0}
+for name in traces:
+    wrapped = getattr(Xcodec2Model, name)
+
+    def counting(self, *args, _name=name, _wrapped=wrapped, **kwargs):
+        traces[_name] += 1
+        return _wrapped(self, *args, **kwargs)
+
+    setattr(Xcodec2Model, name, counting)
+audio, rate = sf.read(sys.argv[2], dtype="float32")
+encoded = codec.encode(audio, rate)
+audio_out = codec.decode(encoded)[0]
+result = {"traces": traces, "codes": encoded[0].tolist(), "peak": float(abs(audio_out).max())}
+print("RESULT " + json.dumps({**result, "cache_dir": codec.compilation_cache_dir}))
+"""
+
+
+def _run(checkpoint, wav, env, setting="default") -> dict:
+    result = subprocess.run(
+        [sys.executable, "-c", CHILD, checkpoint, wav, setting],
+        env=env,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT_S,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    line = [s for s in result.stdout.splitlines() if s.startswith("RESULT ")][-1]
+    return json.loads(line.removeprefix("RESULT "))
+
+
+@pytest.fixture
+def wav(tmp_path):
+    path = str(tmp_path / "speech.wav")
+    rng = np.random.default_rng(0)
+    sf.write(path, (0.1 * rng.standard_normal(7000)).astype(np.float32), 16000, subtype="FLOAT")
+    return path
+
+
+def _env(cache_dir: str) -> dict:
+    env = {k: v for k, v in os.environ.items() if k != "JAX_COMPILATION_CACHE_DIR"}
+    env.update({cache.ENV_VAR: cache_dir, "JAX_PLATFORMS": "cpu", "PYTHONPATH": REPO})
+    return env
+
+
+def test_second_process_traces_nothing(small_ref, wav, tmp_path):
+    env = _env(str(tmp_path / "cache"))
+    first = _run(small_ref.path, wav, env)
+    assert first["traces"] == {"encode": 1, "decode": 1}
+    kept = os.listdir(programs.programs_dir(first["cache_dir"]))
+    assert sorted(name.split("-")[0] for name in kept) == ["decode", "encode"]
+    second = _run(small_ref.path, wav, env)
+    assert second["traces"] == {"encode": 0, "decode": 0}
+    assert second["codes"] == first["codes"] and second["peak"] == first["peak"]
+    assert len(set(first["codes"])) > 1  # codes that can tell a wrong program from a right one
+
+
+def test_unreadable_program_is_traced_again(small_ref, wav, tmp_path):
+    env = _env(str(tmp_path / "cache"))
+    first = _run(small_ref.path, wav, env)
+    folder = programs.programs_dir(first["cache_dir"])
+    for name in os.listdir(folder):
+        with open(os.path.join(folder, name), "wb") as f:
+            f.write(b"not a program")
+    again = _run(small_ref.path, wav, env)
+    assert again["traces"] == {"encode": 1, "decode": 1} and again["codes"] == first["codes"]
+
+
+def test_cache_off_keeps_nothing(small_ref, wav, tmp_path):
+    env = _env(str(tmp_path / "cache"))
+    out = _run(small_ref.path, wav, env, setting="off")
+    assert out["cache_dir"] is None and out["traces"] == {"encode": 1, "decode": 1}
+    assert not os.path.exists(tmp_path / "cache")

@@ -1,0 +1,107 @@
+"""Traced programs kept on disk, so a later process neither traces nor lowers the model again.
+
+JAX's persistent compilation cache (:mod:`xcodec2_jax.cache`) saves the compilation, but every new
+process still traces the Python model and lowers it to StableHLO before it can look the executable
+up: about 2.5 s for a full-model encode on a 2-core CPU, every time ``xcodec2-jax encode`` starts.
+:func:`cached_jit` keeps each traced program as a serialized ``jax.export.Exported`` in a folder
+beside the compilation cache; a later process deserializes it (milliseconds), lowers the small call
+to it, and finds the executable in the compilation cache.
+
+A program is keyed by everything that shapes it: the function's name and ``key`` (model config,
+dtype, precision, lowering), the argument tree with every shape and dtype, the platform, the
+versions of JAX and of this library, and a digest of this library's source files, so an edited
+checkout never runs a stale program. A file that cannot be read back is replaced; a folder that
+cannot be written costs only the saving.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import os
+import tempfile
+import warnings
+from collections.abc import Callable
+from typing import Any
+
+PROGRAMS_DIR = "xcodec2_jax_programs"
+
+
+@functools.cache
+def _source_digest() -> str:
+    root = os.path.dirname(os.path.abspath(__file__))
+    digest = hashlib.sha256()
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = sorted(d for d in dirnames if d != "__pycache__")
+        for name in sorted(filenames):
+            if name.endswith(".py"):
+                path = os.path.join(dirpath, name)
+                digest.update(os.path.relpath(path, root).encode())
+                with open(path, "rb") as f:
+                    digest.update(f.read())
+    return digest.hexdigest()
+
+
+def programs_dir(compilation_cache_dir: str | None) -> str | None:
+    """Where traced programs go for a compilation cache folder (None: no cache, nothing kept)."""
+    return None if compilation_cache_dir is None else os.path.join(compilation_cache_dir, PROGRAMS_DIR)
+
+
+def _signature(args) -> str:
+    import jax
+
+    leaves, treedef = jax.tree.flatten(args)
+    shapes = ";".join(f"{tuple(x.shape)}:{jax.numpy.dtype(x.dtype).name}" for x in leaves)
+    return f"{treedef}|{shapes}"
+
+
+def cached_jit(fn: Callable, name: str, key: Any, directory: str | None) -> Callable:
+    """``jax.jit(fn)``, whose traced programs are kept in ``directory`` (None: plain ``jax.jit``).
+
+    ``key`` must name everything ``fn`` closes over that changes its program (config, dtype...);
+    its ``repr`` goes into the file name's digest. Only positional array arguments are supported.
+    """
+    import jax
+
+    jitted = jax.jit(fn)
+    if directory is None:
+        return jitted
+    calls: dict[str, Callable] = {}
+
+    def call(*args):
+        signature = _signature(args)
+        program = calls.get(signature)
+        if program is None:
+            program = calls[signature] = _load_or_export(jitted, name, key, directory, signature, args)
+        return program(*args)
+
+    return call
+
+
+def _load_or_export(jitted, name, key, directory, signature, args) -> Callable:
+    import jax
+    from jax import export
+
+    from . import __version__
+
+    identity = "\n".join(
+        [name, repr(key), signature, jax.default_backend(), jax.__version__, __version__, _source_digest()]
+    )
+    path = os.path.join(directory, f"{name}-{hashlib.sha256(identity.encode()).hexdigest()[:32]}.jaxexport")
+    if os.path.isfile(path):
+        try:
+            with open(path, "rb") as f:
+                exported = export.deserialize(bytearray(f.read()))
+            return jax.jit(exported.call)
+        except Exception as e:  # a truncated or foreign file: export it again
+            warnings.warn(f"re-tracing {name}: cannot read {path} ({type(e).__name__}: {e})", stacklevel=3)
+    specs = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), args)
+    exported = export.export(jitted)(*specs)
+    try:
+        os.makedirs(directory, mode=0o700, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=directory, suffix=".tmp", delete=False) as f:
+            f.write(exported.serialize())
+        os.replace(f.name, path)  # complete or absent, never half-written
+    except OSError as e:
+        warnings.warn(f"cannot keep the traced {name} in {directory} ({e})", stacklevel=3)
+    return jax.jit(exported.call)
