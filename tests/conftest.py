@@ -173,7 +173,8 @@ def module_params(state, target, **kwargs):
     import jax
 
     from xcodec2_jax.checkpoint import convert_state_dict
-    from xcodec2_jax.model import _flatten, _unflatten
+    from xcodec2_jax.checkpoint.io import flatten as _flatten
+    from xcodec2_jax.checkpoint.io import unflatten as _unflatten
 
     per_layer, stacks = {}, {}
     for path, leaf in _flatten(target).items():
@@ -196,3 +197,24 @@ def module_params(state, target, **kwargs):
         i = path.index("layers")
         out[path] = np.stack([flat[path[:i] + (f"layers_{n}",) + path[i + 1 :]] for n in range(count)])
     return _unflatten(out)
+
+
+def run_python(code: str, args: list[str], env: dict, marker: str, timeout: float = 300) -> dict:
+    """Run ``code`` in a fresh interpreter (bounded by ``timeout``) and return the JSON it printed
+    on its last line starting with ``marker``; a non-zero exit fails with the child's stderr."""
+    import json
+    import subprocess
+    import sys
+
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    result = subprocess.run(
+        [sys.executable, "-c", code, *args],
+        env=env,
+        cwd=repo,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    line = [s for s in result.stdout.splitlines() if s.startswith(marker)][-1]
+    return json.loads(line.removeprefix(marker))

@@ -8,7 +8,6 @@ requests served from the cache (``/jax/compilation_cache/cache_hits``).
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
@@ -16,6 +15,7 @@ import sys
 import numpy as np
 import pytest
 import soundfile as sf
+from conftest import run_python
 
 from xcodec2_jax import cache
 from xcodec2_jax.codec import length_bucket
@@ -66,18 +66,8 @@ def _env(**extra: str) -> dict:
 
 
 def _child(mode: str, args: list[str], env: dict) -> dict:
-    result = subprocess.run(
-        [sys.executable, "-c", CHILD, mode, *args],
-        env=env,
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=TIMEOUT_S,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    line = [s for s in result.stdout.splitlines() if s.startswith("COUNTS ")][-1]
-    counts = json.loads(line.removeprefix("COUNTS "))
-    assert counts["rc"] == 0, result.stderr[-3000:]
+    counts = run_python(CHILD, [mode, *args], env, "COUNTS ", TIMEOUT_S)
+    assert counts["rc"] == 0, counts
     return counts
 
 

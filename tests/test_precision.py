@@ -141,7 +141,7 @@ def test_bfloat16_keeps_its_float32_islands(lowering):
 
 def test_load_params_bfloat16_leaves_float32_islands(small_ref):
     from xcodec2_jax import load_params
-    from xcodec2_jax.model import _flatten
+    from xcodec2_jax.checkpoint.io import flatten as _flatten
 
     flat = _flatten(load_params(small_ref.path, dtype=jnp.bfloat16))
     islands = [p for p in flat if keeps_float32(p)]

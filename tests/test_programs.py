@@ -3,14 +3,12 @@ not trace the model again, and gets the same codes; with the cache off nothing i
 
 from __future__ import annotations
 
-import json
 import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 import soundfile as sf
+from conftest import run_python
 
 from xcodec2_jax import cache, programs
 
@@ -45,17 +43,7 @@ print("RESULT " + json.dumps({**result, "cache_dir": codec.compilation_cache_dir
 
 
 def _run(checkpoint, wav, env, setting="default") -> dict:
-    result = subprocess.run(
-        [sys.executable, "-c", CHILD, checkpoint, wav, setting],
-        env=env,
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=TIMEOUT_S,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    line = [s for s in result.stdout.splitlines() if s.startswith("RESULT ")][-1]
-    return json.loads(line.removeprefix("RESULT "))
+    return run_python(CHILD, [checkpoint, wav, setting], env, "RESULT ", TIMEOUT_S)
 
 
 @pytest.fixture

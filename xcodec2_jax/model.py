@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from .acoustic import AcousticEncoder
+from .checkpoint.io import flatten, unflatten
 from .config import Xcodec2Config
 from .decoder import Decoder
 from .fsq import Quantizer
@@ -232,26 +233,6 @@ def scanned_layers(config: Xcodec2Config) -> dict[tuple[str, ...], int]:
     }
 
 
-def _flatten(tree, prefix: tuple[str, ...] = ()) -> dict[tuple[str, ...], Any]:
-    flat = {}
-    for k, v in tree.items():
-        if isinstance(v, Mapping):
-            flat.update(_flatten(v, prefix + (k,)))
-        else:
-            flat[prefix + (k,)] = v
-    return flat
-
-
-def _unflatten(flat: Mapping[tuple[str, ...], Any]) -> dict[str, Any]:
-    tree: dict[str, Any] = {}
-    for path, v in flat.items():
-        node = tree
-        for p in path[:-1]:
-            node = node.setdefault(p, {})
-        node[path[-1]] = v
-    return tree
-
-
 def _layer_slot(path: tuple[str, ...], stacks: Mapping[tuple[str, ...], int]):
     """(stacked path, layer index) of a checkpoint-layout path under a scanned parent, else None."""
     for parent, count in stacks.items():
@@ -281,7 +262,7 @@ def stack_layers(flat: Mapping[tuple[str, ...], Any], config: Xcodec2Config) -> 
     for path, layers in groups.items():
         values = [layers[i] for i in range(len(layers))]
         out[path] = (np if all(isinstance(v, np.ndarray) for v in values) else jnp).stack(values)
-    return _unflatten(out)
+    return unflatten(out)
 
 
 def unstack_layers(params: Mapping[str, Any], config: Xcodec2Config) -> dict:
@@ -289,7 +270,7 @@ def unstack_layers(params: Mapping[str, Any], config: Xcodec2Config) -> dict:
 
     ``jax.ShapeDtypeStruct`` leaves give per-layer ``ShapeDtypeStruct``s."""
     out = {}
-    for path, value in _flatten(params).items():
+    for path, value in flatten(params).items():
         parent = next((p for p in scanned_layers(config) if path[: len(p) + 1] == p + ("layers",)), None)
         if parent is None:
             out[path] = value
