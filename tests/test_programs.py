@@ -37,6 +37,8 @@ for name in traces:
 audio, rate = sf.read(sys.argv[2], dtype="float32")
 encoded = codec.encode(audio, rate)
 audio_out = codec.decode(encoded)[0]
+encoded_again = codec.encode(audio[: len(audio) - 5], rate)  # the same bucket: no new program
+assert codec._encode._cache_size() == 1, codec._encode._cache_size()
 result = {"traces": traces, "codes": encoded[0].tolist(), "peak": float(abs(audio_out).max())}
 print("RESULT " + json.dumps({**result, "cache_dir": codec.compilation_cache_dir}))
 """

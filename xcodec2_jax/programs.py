@@ -75,6 +75,8 @@ def cached_jit(fn: Callable, name: str, key: Any, directory: str | None) -> Call
             program = calls[signature] = _load_or_export(jitted, name, key, directory, signature, args)
         return program(*args)
 
+    # As jax.jit's: how many executables the function holds, one per argument signature here.
+    call._cache_size = lambda: sum(program._cache_size() for program in calls.values())
     return call
 
 
