@@ -9,8 +9,6 @@ requests served from the cache (``/jax/compilation_cache/cache_hits``).
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -147,7 +145,7 @@ def test_cache_dir_flag_and_variable(small_ref, wavs, tmp_path):
 
 
 JAX_CONFIGURED = r"""
-import sys, warnings
+import json, sys, warnings
 import jax
 from xcodec2_jax.cache import enable_compilation_cache
 
@@ -155,9 +153,9 @@ with warnings.catch_warnings(record=True) as caught:
     warnings.simplefilter("always")
     used = enable_compilation_cache(sys.argv[1] if len(sys.argv) > 1 else None)
 jax.jit(lambda x: x * 2 + 1)(1.0).block_until_ready()
-print(jax.config.jax_persistent_cache_min_compile_time_secs)
-print(used)
-print(len(caught), caught[0].message if caught else "")
+threshold = jax.config.jax_persistent_cache_min_compile_time_secs
+warning = f"{len(caught)} {caught[0].message if caught else ''}"
+print("RESULT " + json.dumps({"threshold": threshold, "used": used, "warning": warning}))
 """
 
 
@@ -165,16 +163,8 @@ def test_a_folder_jax_is_configured_with_is_kept(tmp_path):
     jax_dir, xdg = tmp_path / "jax", tmp_path / "xdg"
     env = _env(JAX_COMPILATION_CACHE_DIR=str(jax_dir), XDG_CACHE_HOME=str(xdg))
     for args, warned in (([], 0), ([str(tmp_path / "asked")], 1)):
-        result = subprocess.run(
-            [sys.executable, "-c", JAX_CONFIGURED, *args],
-            env=env,
-            cwd=REPO,
-            capture_output=True,
-            text=True,
-            timeout=TIMEOUT_S,
-        )
-        assert result.returncode == 0, result.stderr
-        threshold, used, warning = result.stdout.splitlines()[-3:]
+        result = run_python(JAX_CONFIGURED, args, env, "RESULT ", TIMEOUT_S)
+        threshold, used, warning = result["threshold"], result["used"], result["warning"]
         assert used == str(jax_dir)
         assert float(threshold) == 1.0  # JAX's own, left alone in a folder that is not ours
         assert warning.startswith(f"{warned} ") and (not warned or "keeping it" in warning)
