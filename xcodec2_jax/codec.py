@@ -21,6 +21,7 @@ import numpy as np
 
 from .cache import enable_compilation_cache
 from .checkpoint import load_checkpoint
+from .checkpoint.prepared import params_dir
 from .config import Xcodec2Config
 from .features import Xcodec2FeatureExtractor
 from .model import Xcodec2Model, validate_codes
@@ -197,11 +198,15 @@ class Xcodec2Codec:
     ) -> Xcodec2Codec:
         """Load a checkpoint directory (transformers or original format, ``config.json`` + safetensors)
         or download a Hugging Face Hub repo (needs the ``hub`` extra). ``cache_dir`` is the Hub's
-        download folder; ``compilation_cache`` JAX's (see ``__init__``)."""
+        download folder; ``compilation_cache`` JAX's (see ``__init__``); the checkpoint prepared in the
+        model's layout is kept in its subfolder ``xcodec2_jax_params`` (see
+        :mod:`xcodec2_jax.checkpoint.prepared`), so that a later load only maps it."""
         path = _resolve_checkpoint(os.fspath(path_or_repo_id), revision, cache_dir)
         # On before loading: the loader may compile too.
-        enable_compilation_cache(compilation_cache)
-        config, params = load_checkpoint(path, device=jax.devices()[0])
+        cache = enable_compilation_cache(compilation_cache)
+        # The checkpoint prepared in the model's layout is kept beside the compilation cache (and off
+        # with it): a later load maps it, and XLA's CPU client adopts the mapped pages as they are.
+        config, params = load_checkpoint(path, device=jax.devices()[0], params_cache=params_dir(cache))
         return cls(
             config,
             params,

@@ -112,24 +112,52 @@ def config_for(path: str | os.PathLike, _inspected=None):
 
 
 def load_checkpoint(
-    path: str | os.PathLike, config=None, *, dtype: Any = None, sharding: Any = None, device: Any = None
+    path: str | os.PathLike,
+    config=None,
+    *,
+    dtype: Any = None,
+    sharding: Any = None,
+    device: Any = None,
+    params_cache: str | os.PathLike | None = None,
 ):
-    """``(config, params)`` of a checkpoint; see :func:`load_params` for the arguments."""
+    """``(config, params)`` of a checkpoint; see :func:`load_params` for the arguments.
+
+    ``params_cache``: a folder of prepared checkpoints (see :mod:`.prepared`): the checkpoint is read
+    from there, memory-mapped, when it holds this one, else loaded and then kept there.
+    """
+    from .place import place_tree
+
+    if sharding is not None and device is not None:
+        raise ValueError("pass either sharding or device, not both")
+    placement = sharding if sharding is not None else device
+    path = os.fspath(path)
+    inspected = _inspect(path)
+    if config is None:
+        config = config_for(path, inspected)
+    if params_cache is None:
+        return config, _load(path, inspected, config, dtype, placement)
+    from .prepared import checkpoint_files, entry_key, lookup, store
+
+    directory = os.fspath(params_cache)
+    key, sources = entry_key(checkpoint_files(path, inspected[0]), config, dtype)
+    params = lookup(directory, key)
+    if params is None:
+        host = _load(path, inspected, config, dtype, None)
+        params = lookup(directory, key) if store(directory, key, sources, host) else None
+        params = host if params is None else params
+    return config, params if placement is None else place_tree(params, placement)
+
+
+def _load(path: str, inspected, config, dtype, placement):
     from ..model import checkpoint_shapes, scanned_layers
     from .io import populated_buffer
     from .orbax import restore
     from .place import assemble, host_bytes, stays_on_host
     from .transformers import UNUSED_KEYS, map_state
 
-    if sharding is not None and device is not None:
-        raise ValueError("pass either sharding or device, not both")
-    placement = sharding if sharding is not None else device
-    path = os.fspath(path)
-    fmt, index = inspected = _inspect(path)
-    if config is None:
-        config = config_for(path, inspected)
+    fmt, index = inspected
     if fmt == "orbax":
-        return config, restore(path, config, dtype=dtype, placement=placement)
+        return restore(path, config, dtype=dtype, placement=placement)
     tensors = TensorReader().tensors(index)
     if fmt == "original":
         tensors = to_transformers(tensors)
@@ -142,12 +170,17 @@ def load_checkpoint(
         expected = checkpoint_shapes(config)
         buffer = None if buffer is None else buffer.result()
     placed = map_state(tensors, expected, source=f"checkpoint {path!r}")
-    params = assemble(placed, scanned_layers(config), dtype=dtype, placement=placement, buffer=buffer)
-    return config, params
+    return assemble(placed, scanned_layers(config), dtype=dtype, placement=placement, buffer=buffer)
 
 
 def load_params(
-    path: str | os.PathLike, config=None, *, dtype: Any = None, sharding: Any = None, device: Any = None
+    path: str | os.PathLike,
+    config=None,
+    *,
+    dtype: Any = None,
+    sharding: Any = None,
+    device: Any = None,
+    params_cache: str | os.PathLike | None = None,
 ) -> dict[str, Any]:
     """Load an X-Codec2 checkpoint into the Flax parameter tree of :class:`Xcodec2Model`.
 
@@ -166,5 +199,10 @@ def load_params(
 
     Strict: raises :class:`CheckpointMismatchError` (or, for original checkpoints with keys it
     cannot map, :class:`OriginalCheckpointError`) listing every offending key at once.
+
+    ``params_cache``: a folder where the checkpoint is kept prepared in this layout, and mapped from on
+    later loads (see :mod:`xcodec2_jax.checkpoint.prepared`).
     """
-    return load_checkpoint(path, config, dtype=dtype, sharding=sharding, device=device)[1]
+    return load_checkpoint(
+        path, config, dtype=dtype, sharding=sharding, device=device, params_cache=params_cache
+    )[1]

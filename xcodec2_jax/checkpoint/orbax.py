@@ -54,7 +54,7 @@ def restore(path: str, config, *, dtype: Any = None, placement: Any = None) -> d
     import orbax.checkpoint as ocp
 
     from ..model import abstract_params, checkpoint_shapes, stack_layers
-    from .place import _shardings
+    from .place import _shardings, place_tree
 
     target = os.path.join(os.path.abspath(path), ORBAX_PARAMS_DIR)
     checkpointer = ocp.StandardCheckpointer()
@@ -65,7 +65,7 @@ def restore(path: str, config, *, dtype: Any = None, placement: Any = None) -> d
     if not _same_layout(stored, expected) and _same_layout(stored, unstacked):
         flat = flatten(checkpointer.restore(target))
         params = stack_layers(flat, config)
-        params = params if placement is None else _place(params, placement)
+        params = params if placement is None else place_tree(params, placement)
     elif _same_layout(stored, expected):
         if placement is None:
             params = checkpointer.restore(target)
@@ -96,12 +96,3 @@ def restore(path: str, config, *, dtype: Any = None, placement: Any = None) -> d
         params = jax.tree_util.tree_map_with_path(cast, params)
     return params
 
-
-def _place(params, placement):
-    import jax
-
-    from .place import _shardings
-
-    flat = flatten(params)
-    shardings = _shardings(placement, flat)
-    return unflatten({p: jax.device_put(v, shardings[p]) for p, v in flat.items()})

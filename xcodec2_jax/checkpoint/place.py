@@ -219,3 +219,15 @@ def assemble(
     if shardings is not None:
         jax.block_until_ready(list(leaves.values()))
     return unflatten({p: leaves[p] for p in groups})
+
+
+def place_tree(params: Mapping[str, Any], placement: Any) -> dict[str, Any]:
+    """``jax.device_put`` of every leaf by ``placement`` (see ``assemble``); aligned host arrays are
+    adopted without a copy on a CPU device."""
+    import jax
+
+    flat = flatten(params)
+    shardings = _shardings(placement, flat)
+    placed = {p: jax.device_put(v, shardings[p], may_alias=True) for p, v in flat.items()}
+    jax.block_until_ready(list(placed.values()))
+    return unflatten(placed)

@@ -1,0 +1,114 @@
+"""The params cache: checkpoints kept in the model's layout and memory-mapped at the next load."""
+
+from __future__ import annotations
+
+import os
+import shutil
+
+import jax
+import numpy as np
+import pytest
+
+from xcodec2_jax import Xcodec2Codec, load_params
+from xcodec2_jax.checkpoint import load_checkpoint, save_orbax
+from xcodec2_jax.checkpoint.io import flatten
+
+
+def _entries(folder) -> list[str]:
+    return sorted(os.listdir(folder)) if os.path.isdir(folder) else []
+
+
+def _assert_same_params(ours, expected):
+    ours, expected = flatten(ours), flatten(expected)
+    assert ours.keys() == expected.keys()
+    for path, value in expected.items():
+        got = np.asarray(ours[path])
+        assert got.dtype == value.dtype, path
+        np.testing.assert_array_equal(got, value, err_msg=str(path))
+
+
+@pytest.mark.parametrize("dtype", [None, "bfloat16"])
+def test_second_load_maps_the_prepared_file_and_gives_the_same_params(small_ref, tmp_path, dtype):
+    cache = tmp_path / "params"
+    expected = load_params(small_ref.path, dtype=dtype)
+    first = load_params(small_ref.path, dtype=dtype, params_cache=cache)
+    _assert_same_params(first, expected)
+    assert [e.rsplit(".", 1)[1] for e in _entries(cache)] == ["json", "params"]
+    data = os.path.join(cache, _entries(cache)[1])
+
+    device = jax.devices()[0]
+    second = load_params(small_ref.path, dtype=dtype, device=device, params_cache=cache)
+    _assert_same_params(second, expected)
+    # Adopted, not copied: every device buffer is the mapped file's memory, 64-byte aligned.
+    from xcodec2_jax.checkpoint.place import place_tree
+    from xcodec2_jax.checkpoint.prepared import lookup
+
+    host = lookup(str(cache), _entries(cache)[0].rsplit(".", 1)[0])
+    placed = flatten(place_tree(host, device))
+    for path, leaf in flatten(host).items():
+        assert os.path.samefile(_memmap_file(leaf), data), path
+        assert placed[path].unsafe_buffer_pointer() == leaf.ctypes.data, path
+        assert leaf.ctypes.data % 64 == 0, path
+
+
+def _memmap_file(array):
+    while not isinstance(array, np.memmap) or array.filename is None:
+        array = array.base
+    return array.filename
+
+
+def test_a_changed_checkpoint_is_prepared_again_and_the_stale_entry_removed(small_ref, tmp_path):
+    source = tmp_path / "ckpt"
+    shutil.copytree(small_ref.path, source)
+    cache = tmp_path / "params"
+    load_params(source, params_cache=cache)
+    before = _entries(cache)
+
+    from safetensors.numpy import load_file, save_file
+
+    file = source / "model.safetensors"
+    state = load_file(file)
+    key = "acoustic_decoder.head.linear.bias"
+    state[key] = state[key] + 1.0
+    save_file(state, file)
+    changed = load_params(source, params_cache=cache)
+    bias = changed["acoustic_decoder"]["head"]["linear"]["bias"]
+    np.testing.assert_array_equal(np.asarray(bias), state[key])
+    after = _entries(cache)
+    assert len(after) == 2 and set(after).isdisjoint(before)
+
+
+def test_an_unreadable_entry_is_replaced_with_a_warning(small_ref, tmp_path):
+    cache = tmp_path / "params"
+    expected = load_params(small_ref.path)
+    load_params(small_ref.path, params_cache=cache)
+    data = next(cache / e for e in _entries(cache) if e.endswith(".params"))
+    with open(data, "r+b") as f:
+        f.truncate(os.path.getsize(data) // 2)
+    with pytest.warns(UserWarning, match="unreadable prepared checkpoint"):
+        again = load_params(small_ref.path, params_cache=cache)
+    _assert_same_params(again, expected)
+    assert os.path.getsize(data) > 0 and load_params(small_ref.path, params_cache=cache) is not None
+
+
+def test_orbax_checkpoints_are_prepared_too(small_ref, tmp_path):
+    params = load_params(small_ref.path)
+    save_orbax(tmp_path / "orbax", params, small_ref.config)
+    cache = tmp_path / "params"
+    config, first = load_checkpoint(tmp_path / "orbax", params_cache=cache)
+    assert config == small_ref.config and len(_entries(cache)) == 2
+    _, second = load_checkpoint(tmp_path / "orbax", params_cache=cache)
+    _assert_same_params(first, params)
+    _assert_same_params(second, params)
+
+
+def test_codec_keeps_the_prepared_checkpoint_beside_its_compilation_cache(small_ref):
+    """(Every codec test runs on the mapped params too: the suite's cache folder is on.)"""
+    from xcodec2_jax.checkpoint.prepared import checkpoint_files, entry_key, params_dir
+
+    first = Xcodec2Codec.from_pretrained(small_ref.path)
+    folder = params_dir(first.compilation_cache_dir)
+    key, _ = entry_key(checkpoint_files(small_ref.path, "transformers"), first.config, None)
+    assert os.path.isfile(os.path.join(folder, key + ".params"))
+    second = Xcodec2Codec.from_pretrained(small_ref.path)
+    _assert_same_params(second.params, load_params(small_ref.path))
