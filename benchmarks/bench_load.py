@@ -8,7 +8,8 @@ host numpy with ``--mode host``), waits for every array, and reports the load ti
 ``model.checkpoint_shapes`` (the model trace the strict check needs) within it, the CPU seconds
 (user + system: on a machine shared with other work, the wall time says little), the peak RSS
 (``ru_maxrss``) and the checkpoint's size. ``--pythonpath`` runs another checkout of the library
-(e.g. an older commit, for a before/after).
+(e.g. an older commit, for a before/after). ``--params-cache DIR`` loads as ``Xcodec2Codec`` does,
+through the params cache (the first run prepares the checkpoint there, the next ones map it).
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import sys
 
 _CHILD = r"""
 import json, os, resource, sys, time
-path, mode = sys.argv[1], sys.argv[2]
+path, mode, cache = sys.argv[1], sys.argv[2], (sys.argv[3] or None)
 import jax
 import xcodec2_jax
 from xcodec2_jax import load_checkpoint
@@ -41,7 +42,9 @@ def cpu():
     u = resource.getrusage(resource.RUSAGE_SELF)
     return u.ru_utime + u.ru_stime
 start, cpu_start = time.perf_counter(), cpu()
-if mode == "device":
+if cache:
+    config, params = load_checkpoint(path, device=jax.devices()[0], params_cache=cache)
+elif mode == "device":
     try:
         config, params = load_checkpoint(path, device=jax.devices()[0])
     except TypeError:  # before the device= option: what the codec did
@@ -80,13 +83,15 @@ def _warm(path: str) -> int:
     return size
 
 
-def measure(path: str, mode: str = "device", pythonpath: str | None = None) -> dict:
+def measure(
+    path: str, mode: str = "device", pythonpath: str | None = None, params_cache: str | None = None
+) -> dict:
     size = _warm(path)
     env = dict(os.environ)
     if pythonpath:
         env["PYTHONPATH"] = pythonpath
     out = subprocess.run(
-        [sys.executable, "-c", _CHILD, path, mode],
+        [sys.executable, "-c", _CHILD, path, mode, params_cache or ""],
         env=env,
         cwd=pythonpath or None,
         capture_output=True,
@@ -96,7 +101,7 @@ def measure(path: str, mode: str = "device", pythonpath: str | None = None) -> d
     if out.returncode:
         raise RuntimeError(f"load of {path} failed:\n{out.stderr[-3000:]}")
     result = json.loads(out.stdout.strip().splitlines()[-1])
-    result.update(path=path, mode=mode, checkpoint_bytes=size)
+    result.update(path=path, mode=mode, checkpoint_bytes=size, params_cache=params_cache)
     result["rss_over_checkpoint"] = result["peak_rss"] / size
     return result
 
@@ -109,13 +114,19 @@ def main(argv=None) -> int:
     parser.add_argument("--mode", choices=("device", "host"), default="device")
     parser.add_argument("--repeat", type=int, default=1)
     parser.add_argument("--pythonpath", help="load with the library found here instead")
+    parser.add_argument(
+        "--params-cache",
+        help="load through this params cache folder (to a device); the first load of a checkpoint "
+        "prepares it there, later ones map it (the codec's and the CLI's path)",
+    )
     args = parser.parse_args(argv)
     for path in args.paths:
         for _ in range(args.repeat):
-            r = measure(path, args.mode, args.pythonpath)
+            r = measure(path, args.mode, args.pythonpath, args.params_cache)
             print(json.dumps(r))
             print(
-                f"{path} ({args.mode}): {r['seconds']:.2f} s, {r['cpu_seconds']:.2f} CPU s "
+                f"{path} ({'params cache' if args.params_cache else args.mode}): {r['seconds']:.2f} s, "
+                f"{r['cpu_seconds']:.2f} CPU s "
                 f"(checkpoint_shapes {r['checkpoint_shapes_s']:.2f} s), "
                 f"peak RSS {r['peak_rss'] / 1e9:.2f} GB = {r['rss_over_checkpoint']:.2f} x checkpoint "
                 f"{r['checkpoint_bytes'] / 1e9:.2f} GB "
