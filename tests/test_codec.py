@@ -161,3 +161,20 @@ def test_precision_is_passed_to_the_model(small_ref):
         Xcodec2Codec(config, params, precision="fast", compilation_cache=False)
     with pytest.raises(ValueError, match="precision"):
         Xcodec2Codec.from_pretrained(small_ref.path, precision="float16", compilation_cache=False)
+
+
+def test_cpu_compiler_options_by_default_and_overridable(codec, small_ref):
+    """The codec compiles with CPU_COMPILER_OPTIONS on a CPU (test_encode_list_equals_model_per_item
+    checks its codes against the model under plain jax.jit, i.e. XLA's defaults)."""
+    from xcodec2_jax.codec import CPU_COMPILER_OPTIONS
+
+    assert codec.compiler_options == CPU_COMPILER_OPTIONS
+    plain = Xcodec2Codec(small_ref.config, small_ref.params, compilation_cache=False, compiler_options={})
+    assert plain.compiler_options == {}
+    with pytest.raises(Exception, match="no_such_xla_option"):
+        Xcodec2Codec(
+            small_ref.config,
+            small_ref.params,
+            compilation_cache=False,
+            compiler_options={"no_such_xla_option": True},
+        ).decode(np.zeros(8, np.int32))

@@ -29,6 +29,11 @@ from .programs import cached_jit, programs_dir
 
 DEFAULT_MODEL_ID = "HKUSTAudio/xcodec2-hf"
 SAMPLING_RATE = 16000
+# XLA:CPU spends most of a compilation in LLVM's optimisation passes over the fused element-wise
+# loops; the expensive ones cut the full model's compile time by a third to a half on a 2-core CPU
+# while the run time stays within noise (the convolutions and dots are library calls either way),
+# so the codec skips them on CPUs (see benchmarks/README.md). Codes are unchanged.
+CPU_COMPILER_OPTIONS = {"xla_llvm_disable_expensive_passes": True}
 # A stereo/multichannel array is (samples, channels), soundfile's layout. A (channels, samples) array
 # is recognised when it has at most this many rows and more columns than rows.
 MAX_CHANNELS = 16
@@ -149,12 +154,15 @@ class Xcodec2Codec:
         precision: str | jax.lax.Precision | None = None,
         batch_size: int = 8,
         compilation_cache: str | os.PathLike | bool | None = None,
+        compiler_options: dict | None = None,
     ):
         """``precision`` is ``Xcodec2Model``'s: None (HIGHEST for float32 compute, as the reference's
         codes need), or ``"highest"``, ``"default"`` / ``"tensorfloat32"`` (the device's faster float32
         passes: TF32 on recent GPUs, bfloat16 on TPUs; FSQ, features and the ISTFT stay HIGHEST).
         ``compilation_cache``: see :mod:`xcodec2_jax.cache` (None: JAX's persistent cache on, in the
-        per-user folder; False: off; or a directory)."""
+        per-user folder; False: off; or a directory). ``compiler_options``: XLA's, for every
+        compilation (None: ``CPU_COMPILER_OPTIONS`` on a CPU, XLA's defaults elsewhere; ``{}``: XLA's
+        defaults everywhere)."""
         if not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
         self.model = Xcodec2Model(config, dtype=dtype, precision=precision)  # checks precision
@@ -181,8 +189,13 @@ class Xcodec2Codec:
         # then neither traces, lowers nor compiles a bucket it has seen.
         programs = programs_dir(self.compilation_cache_dir)
         key = (config, jnp.dtype(dtype).name, self.model.precision, self.model.lowering)
-        self._encode = cached_jit(encode, "encode", key, programs)
-        self._decode = cached_jit(decode, "decode", key, programs)
+        if compiler_options is None:
+            cpu = jax.devices()[0].platform == "cpu"
+            compiler_options = dict(CPU_COMPILER_OPTIONS) if cpu else {}
+        self.compiler_options = dict(compiler_options)
+        options = self.compiler_options or None
+        self._encode = cached_jit(encode, "encode", key, programs, options)
+        self._decode = cached_jit(decode, "decode", key, programs, options)
 
     @classmethod
     def from_pretrained(
@@ -195,6 +208,7 @@ class Xcodec2Codec:
         revision: str | None = None,
         cache_dir: str | None = None,
         compilation_cache: str | os.PathLike | bool | None = None,
+        compiler_options: dict | None = None,
     ) -> Xcodec2Codec:
         """Load a checkpoint directory (transformers or original format, ``config.json`` + safetensors)
         or download a Hugging Face Hub repo (needs the ``hub`` extra). ``cache_dir`` is the Hub's
@@ -214,6 +228,7 @@ class Xcodec2Codec:
             precision=precision,
             batch_size=batch_size,
             compilation_cache=compilation_cache,
+            compiler_options=compiler_options,
         )
 
     @property

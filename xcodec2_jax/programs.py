@@ -55,15 +55,20 @@ def _signature(args) -> str:
     return f"{treedef}|{shapes}"
 
 
-def cached_jit(fn: Callable, name: str, key: Any, directory: str | None) -> Callable:
-    """``jax.jit(fn)``, whose traced programs are kept in ``directory`` (None: plain ``jax.jit``).
+def cached_jit(
+    fn: Callable, name: str, key: Any, directory: str | None, compiler_options: dict | None = None
+) -> Callable:
+    """``jax.jit(fn, compiler_options=...)``, whose traced programs are kept in ``directory`` (None:
+    plain ``jax.jit``).
 
     ``key`` must name everything ``fn`` closes over that changes its program (config, dtype...);
     its ``repr`` goes into the file name's digest. Only positional array arguments are supported.
+    ``compiler_options`` (XLA's, per compilation) are not part of the program; JAX's compilation
+    cache keys the executables by them.
     """
     import jax
 
-    jitted = jax.jit(fn)
+    jitted = jax.jit(fn, compiler_options=compiler_options)
     if directory is None:
         return jitted
     calls: dict[str, Callable] = {}
@@ -72,7 +77,9 @@ def cached_jit(fn: Callable, name: str, key: Any, directory: str | None) -> Call
         signature = _signature(args)
         program = calls.get(signature)
         if program is None:
-            program = calls[signature] = _load_or_export(jitted, name, key, directory, signature, args)
+            program = calls[signature] = _load_or_export(
+                jitted, name, key, directory, signature, args, compiler_options
+            )
         return program(*args)
 
     # As jax.jit's: how many executables the function holds, one per argument signature here.
@@ -80,7 +87,7 @@ def cached_jit(fn: Callable, name: str, key: Any, directory: str | None) -> Call
     return call
 
 
-def _load_or_export(jitted, name, key, directory, signature, args) -> Callable:
+def _load_or_export(jitted, name, key, directory, signature, args, compiler_options) -> Callable:
     import jax
     from jax import export
 
@@ -94,7 +101,7 @@ def _load_or_export(jitted, name, key, directory, signature, args) -> Callable:
         try:
             with open(path, "rb") as f:
                 exported = export.deserialize(bytearray(f.read()))
-            return jax.jit(exported.call)
+            return jax.jit(exported.call, compiler_options=compiler_options)
         except Exception as e:  # a truncated or foreign file: export it again
             warnings.warn(f"re-tracing {name}: cannot read {path} ({type(e).__name__}: {e})", stacklevel=3)
     specs = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), args)
@@ -106,4 +113,4 @@ def _load_or_export(jitted, name, key, directory, signature, args) -> Callable:
         os.replace(f.name, path)  # complete or absent, never half-written
     except OSError as e:
         warnings.warn(f"cannot keep the traced {name} in {directory} ({e})", stacklevel=3)
-    return jax.jit(exported.call)
+    return jax.jit(exported.call, compiler_options=compiler_options)
