@@ -32,10 +32,10 @@ def _weights(shape, seed):
     return np.random.default_rng(seed).standard_normal(shape).astype(np.float32)
 
 
-def _torch_param_grads(model, loss, extra=()):
+def _torch_param_grads(model, loss, extra=(), retain_graph=False):
     """d loss / d (every parameter, every tensor of ``extra``); unreached parameters get zeros."""
     names, params = zip(*model.named_parameters(), strict=True)
-    grads = torch.autograd.grad(loss, [*params, *extra], allow_unused=True)
+    grads = torch.autograd.grad(loss, [*params, *extra], allow_unused=True, retain_graph=retain_graph)
     as_np = [
         np.zeros(tuple(p.shape), np.float32) if g is None else g.numpy()
         for p, g in zip(params, grads[: len(params)], strict=True)
@@ -99,97 +99,87 @@ def test_decoder_gradients_match_torch(small_ref):
 
 
 def test_encoder_gradients_match_torch(small_ref):
-    """d(sum(w * hidden)) / d(encoder params, input_values), hidden: the pre-quantization states."""
+    """Two losses, each against torch: ``sum(w_h * hidden)`` of the pre-quantization hidden states
+    and ``sum(w_l * latents)`` of the straight-through latents, differentiated w.r.t. every
+    parameter and input_values. The second reaches ``quantizer.project_in`` (and, through it, the
+    encoder and the audio) only through the straight-through rounding."""
     config, tmodel = small_ref.config, small_ref.model
     feats = _inputs()
     values = torch.from_numpy(feats["input_values"]).requires_grad_()
-    # transformers' encode up to its quantizer, step by step.
+    # transformers' encode, step by step, to keep its pre-quantization hidden states.
     with torch.no_grad():
         semantic = tmodel.semantic_encoder(torch.from_numpy(feats["input_features"])).last_hidden_state
     semantic = tmodel.semantic_adapter(semantic.transpose(1, 2))
     fused = torch.cat([semantic, tmodel.acoustic_encoder(values)], dim=1)
     hidden = tmodel.fc_encoder(fused.transpose(1, 2))
-    w = _weights(tuple(hidden.shape), 3)
-    ref_params, (ref_values,) = _torch_param_grads(tmodel, (hidden * torch.from_numpy(w)).sum(), [values])
+    latents, ref_codes = tmodel.quantizer(hidden)
+    w_h, w_l = _weights(tuple(hidden.shape), 3), _weights(tuple(latents.shape), 4)
+    refs = [
+        _torch_param_grads(tmodel, (out * torch.from_numpy(w)).sum(), [values], retain_graph=True)
+        for out, w in ((hidden, w_h), (latents, w_l))
+    ]
 
     model = Xcodec2Model(config)
 
-    def loss(params, input_values):
-        h = model.apply(
-            {"params": params},
-            input_values,
-            feats["input_features"],
-            method=Xcodec2Model.encoder_hidden_states,
+    def encode(module, input_values):
+        hidden = module.encoder_hidden_states(input_values, feats["input_features"])
+        latents, codes = module.quantizer(hidden)
+        return hidden, latents, codes
+
+    @jax.jit
+    def grads(params, input_values):
+        (h, lat, codes), vjp = jax.vjp(
+            lambda p, v: model.apply({"params": p}, v, method=encode), params, input_values
         )
-        assert h.shape == w.shape
-        return jnp.sum(h * w)
+        # Both cotangents through one batched backward pass: one compilation instead of two.
+        no_codes = np.zeros((2, *codes.shape), jax.dtypes.float0)
+        cotangents = (jnp.stack([w_h, jnp.zeros_like(h)]), jnp.stack([jnp.zeros_like(lat), w_l]), no_codes)
+        return jax.vmap(vjp)(cotangents), codes
 
-    g_params, g_values = jax.jit(jax.grad(loss, argnums=(0, 1)))(small_ref.params, feats["input_values"])
-    ref_flat = _to_flax(ref_params, config)
-    modules = ["acoustic_encoder", "semantic_adapter", "fc_encoder"]
-    _compare(
-        "encoder",
-        {m: g_params[m] for m in modules},
-        {p: v for p, v in ref_flat.items() if p[0] in modules},
-        modules,
-    )
-    _frozen_zero({"semantic_encoder": g_params["semantic_encoder"]}, ref_flat)
-    err, rel = rel_err(g_values, ref_values)
-    print(f"encoder: d/d input_values max err {err:.3e} ({rel:.2e} of peak)")
-    assert rel <= TOLERANCE
-
-
-def test_straight_through_encode_decode(small_ref):
-    """Audio -> encode (straight-through latents) -> decode -> sum(w * audio): gradients of every
-    parameter and of input_values as torch's (which rounds with z + (round(z) - z).detach())."""
-    config, tmodel = small_ref.config, small_ref.model
-    feats = _inputs()
-    values = torch.from_numpy(feats["input_values"]).requires_grad_()
-    enc = tmodel.encode(values, torch.from_numpy(feats["input_features"]), output_latents=True)
-    audio = tmodel.decode(latents=enc.latents).audio_values
-    w = _weights(tuple(audio.shape), 4)
-    ref_params, (ref_values,) = _torch_param_grads(tmodel, (audio * torch.from_numpy(w)).sum(), [values])
-
-    model = Xcodec2Model(config)
-
-    def loss(params, input_values):
-        out = model.apply(
-            {"params": params},
-            input_values,
-            feats["input_features"],
-            output_latents=True,
-            method=model.encode,
-        )
-        audio = model.apply({"params": params}, latents=out.latents, method=Xcodec2Model.decode)
-        return jnp.sum(audio.audio_values * w), out.audio_codes
-
-    grad = jax.jit(jax.grad(loss, argnums=(0, 1), has_aux=True))
-    (g_params, g_values), codes = grad(small_ref.params, feats["input_values"])
-    np.testing.assert_array_equal(np.asarray(codes), enc.audio_codes.numpy())
+    (g_params, g_values), codes = grads(small_ref.params, feats["input_values"])
+    np.testing.assert_array_equal(np.asarray(codes), ref_codes[..., 0].numpy())
     assert len(np.unique(np.asarray(codes))) >= 20, "codes are not spread: the comparison would mean little"
-    ref_flat = _to_flax(ref_params, config)
-    modules = ["acoustic_encoder", "semantic_adapter", "fc_encoder", "quantizer", "acoustic_decoder"]
-    worst = _compare("encode-decode", g_params, ref_flat, modules)
-    _frozen_zero(g_params, ref_flat)
-    err, rel = rel_err(g_values, ref_values)
-    print(f"encode-decode: d/d input_values max err {err:.3e} ({rel:.2e} of peak); worst module {worst:.2e}")
-    assert rel <= TOLERANCE
-    g_values = np.asarray(g_values)
-    assert np.isfinite(g_values).all() and np.abs(g_values).max() > 0
+    cases = (
+        ("hidden states", ["acoustic_encoder", "semantic_adapter", "fc_encoder"]),
+        ("straight-through latents", ["acoustic_encoder", "semantic_adapter", "fc_encoder", "quantizer"]),
+    )
+    for i, (name, modules) in enumerate(cases):
+        ours = jax.tree.map(lambda g, i=i: g[i], g_params)
+        ref_flat = _to_flax(refs[i][0], config)
+        in_modules = {p: v for p, v in ref_flat.items() if p[0] in modules}
+        _compare(name, {m: ours[m] for m in modules}, in_modules, modules)
+        _frozen_zero(ours, ref_flat)
+        err, rel = rel_err(g_values[i], refs[i][1][0])
+        print(f"{name}: d/d input_values max err {err:.3e} ({rel:.2e} of peak)")
+        assert rel <= TOLERANCE
+        assert np.isfinite(np.asarray(g_values[i])).all() and np.abs(np.asarray(g_values[i])).max() > 0
+    # The latents loss reaches project_in only through the straight-through rounding.
+    assert np.abs(np.asarray(g_params["quantizer"]["project_in"]["kernel"][1])).max() > 0
 
 
 def test_straight_through_forward_is_plain_rounding(small_ref):
-    """Codes and latents bit for bit those of plain rounding (whose gradient is zero), in the model
-    and on values around every rounding boundary, signed zeros included."""
-    model, feats = Xcodec2Model(small_ref.config), _inputs()
+    """Codes and latents bit for bit those of plain rounding (whose gradient is zero), on the
+    reference's pre-quantization hidden states and on values around every rounding boundary,
+    signed zeros included; the straight-through derivative is exactly 1 / half width."""
+    tmodel = small_ref.model
+    feats = {k: torch.from_numpy(v) for k, v in _inputs().items()}
+    with torch.no_grad():
+        semantic = tmodel.semantic_encoder(feats["input_features"]).last_hidden_state.transpose(1, 2)
+        acoustic = tmodel.acoustic_encoder(feats["input_values"])
+        fused = torch.cat([tmodel.semantic_adapter(semantic), acoustic], 1)
+        hidden = tmodel.fc_encoder(fused.transpose(1, 2))
+        ref_codes = tmodel.quantizer(hidden)[1][..., 0].numpy()
+    model = Xcodec2Model(small_ref.config)
 
-    def encode(module, straight_through):
-        hidden = module.encoder_hidden_states(feats["input_values"], feats["input_features"])
-        return module.quantizer(hidden, straight_through=straight_through)
+    def quantize(module, hidden, straight_through):
+        return module.quantizer(hidden, straight_through)
 
-    run = jax.jit(lambda p, st: model.apply({"params": p}, st, method=encode), static_argnums=1)
-    (st_latents, st_codes), (latents, codes) = run(small_ref.params, True), run(small_ref.params, False)
-    np.testing.assert_array_equal(np.asarray(st_codes), np.asarray(codes))
+    run = jax.jit(lambda p, h, st: model.apply({"params": p}, h, st, method=quantize), static_argnums=2)
+    hidden = hidden.numpy()
+    st_latents, st_codes = run(small_ref.params, hidden, True)
+    latents, codes = run(small_ref.params, hidden, False)
+    np.testing.assert_array_equal(np.asarray(st_codes), ref_codes)
+    np.testing.assert_array_equal(np.asarray(codes), ref_codes)
     assert np.asarray(st_latents).tobytes() == np.asarray(latents).tobytes()
 
     z = jnp.concatenate([jnp.linspace(-3.0, 3.0, 60001), jnp.asarray([-0.0, -0.3, -0.5, 0.5, 1.5, 2.5])])
