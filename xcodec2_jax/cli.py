@@ -161,11 +161,26 @@ def _write_wav(path: str, audio: np.ndarray, rate: int) -> None:
     sf.write(path, audio, rate, subtype="FLOAT")
 
 
+def _read_llasa_text(path: str, codebook_size: int) -> np.ndarray:
+    from .llasa import text_to_codes
+
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except (OSError, UnicodeDecodeError) as e:
+        raise ValueError(f"cannot read text ({type(e).__name__}: {e})") from None
+    codes = text_to_codes(text, codebook_size=codebook_size)
+    if codes.size == 0:
+        raise ValueError("no speech tokens (<|s_N|>) in this text")
+    return codes
+
+
 def cmd_decode(args, run: _Run) -> None:
-    jobs = _jobs(args, run, (".npy",), ".wav")
+    jobs = _jobs(args, run, (".txt",) if args.llasa_text else (".npy",), ".wav")
     if not jobs:
         return
     codec = _load_codec(args)
+    read = _read_llasa_text if args.llasa_text else _read_codes
 
     def flush(group):
         for (target, _), audio in zip(group, codec.decode([codes for _, codes in group]), strict=True):
@@ -174,7 +189,7 @@ def cmd_decode(args, run: _Run) -> None:
     _in_groups(
         jobs,
         "decode",
-        lambda path: _read_codes(path, codec.config.codebook_size),
+        lambda path: read(path, codec.config.codebook_size),
         flush,
         args.batch_size,
         run,
@@ -236,8 +251,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("inputs", nargs="+", help="audio files or directories (mirrored under OUTDIR)")
     p.add_argument("-o", "--output", required=True, metavar="OUTDIR")
     p.set_defaults(func=cmd_encode)
-    p = sub.add_parser("decode", parents=[common], help=".npy codes -> 16 kHz WAV files")
+    p = sub.add_parser("decode", parents=[common], help=".npy codes (or Llasa text) -> 16 kHz WAV files")
     p.add_argument("inputs", nargs="+", help=".npy files or directories (mirrored under OUTDIR)")
+    p.add_argument(
+        "--llasa-text",
+        action="store_true",
+        help="inputs are text files (.txt in directories) of Llasa output: the <|s_N|> speech tokens "
+        "are decoded, every other token is ignored",
+    )
     p.add_argument("-o", "--output", required=True, metavar="OUTDIR")
     p.set_defaults(func=cmd_decode)
     p = sub.add_parser("roundtrip", parents=[common], help="encode then decode one file")

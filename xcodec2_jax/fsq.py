@@ -32,15 +32,37 @@ def fsq_bound(z: jnp.ndarray, levels: Sequence[int], eps: float = 1e-3) -> jnp.n
     return jnp.tanh(z + shift) * half_range - offset
 
 
-def fsq_quantize(z: jnp.ndarray, levels: Sequence[int]) -> tuple[jnp.ndarray, jnp.ndarray]:
+@jax.custom_jvp
+def round_straight_through(z: jnp.ndarray) -> jnp.ndarray:
+    """``jnp.round`` (half to even, as torch) whose derivative is the identity.
+
+    The reference writes ``z + (z.round() - z).detach()``; evaluated in floats that gives +0.0 where
+    ``round`` gives -0.0 (z in (-0.5, 0)). A custom JVP keeps the forward exactly ``jnp.round``, so
+    codes and latents are bit for bit those of plain rounding, with the reference's gradient.
+    """
+    return jnp.round(z)
+
+
+@round_straight_through.defjvp
+def _round_straight_through_jvp(primals, tangents):
+    (z,), (dz,) = primals, tangents
+    return jnp.round(z), dz
+
+
+def fsq_quantize(
+    z: jnp.ndarray, levels: Sequence[int], straight_through: bool = True
+) -> tuple[jnp.ndarray, jnp.ndarray]:
     """Bounded values -> (normalised codes in [-1, 1], int32 indices).
 
     Mirrors the reference's arithmetic step by step (divide by the half width, scale back, add
     the half width, weight by the basis, truncate to int32), so even odd level counts whose
-    half width is not a power of two give the reference's indices.
+    half width is not a power of two give the reference's indices. With ``straight_through`` the
+    codes' gradient passes the rounding as the identity (the reference's); without, it is zero
+    (``jnp.round``'s). Forward values are the same either way.
     """
     half_width = np.asarray([lv // 2 for lv in levels], np.float32)
-    rounded = jnp.round(z.astype(jnp.float32))
+    rounding = round_straight_through if straight_through else jnp.round
+    rounded = rounding(z.astype(jnp.float32))
     codes = rounded / half_width
     code_scaled = codes * half_width + half_width
     indices = jnp.sum(code_scaled * fsq_basis(levels).astype(np.float32), axis=-1).astype(jnp.int32)
@@ -71,14 +93,18 @@ class Quantizer(nn.Module):
             self.config.quantization_dim, dtype=self.dtype, precision=highest, name="project_out"
         )
 
-    def __call__(self, hidden_states: jnp.ndarray) -> tuple[jnp.ndarray, jnp.ndarray]:
-        """(B, N, quantization_dim) -> (latents (B, N, quantization_dim), indices (B, N) int32)."""
+    def __call__(
+        self, hidden_states: jnp.ndarray, straight_through: bool = True
+    ) -> tuple[jnp.ndarray, jnp.ndarray]:
+        """(B, N, quantization_dim) -> (latents (B, N, quantization_dim), indices (B, N) int32).
+
+        The latents carry straight-through gradients (see :func:`fsq_quantize`)."""
         levels = self.config.quantization_levels
         z = self.project_in(hidden_states.astype(jnp.float32))
         # The reference bounds twice: once in Xcodec2Quantizer.forward (kept for the original
         # checkpoint) and again inside the FSQ forward. Both are needed for its codes.
         z = fsq_bound(fsq_bound(z, levels), levels)
-        codes, indices = fsq_quantize(z, levels)
+        codes, indices = fsq_quantize(z, levels, straight_through)
         return self.project_out(codes), indices
 
     def from_codes(self, indices: jnp.ndarray) -> jnp.ndarray:

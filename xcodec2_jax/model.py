@@ -124,7 +124,37 @@ class Xcodec2Model(nn.Module):
         end, the zero or replicate padding they would see alone, and the semantic adapter sees zeros.
         Without it (the default), the reference's behaviour, where batch padding can change an item's
         last codes.
+
+        ``latents`` carry straight-through gradients, as the reference's: the FSQ rounding passes
+        gradients as the identity, so ``jax.grad`` of a function of the latents reaches
+        ``input_values`` (through the acoustic encoder) and the parameters of the acoustic encoder,
+        semantic adapter, ``fc_encoder`` and quantizer. The semantic encoder (w2v-BERT) is frozen, as
+        the reference runs it under ``torch.no_grad()``: no gradient to its parameters or to
+        ``input_features``. The integer ``audio_codes`` have none.
         """
+        hidden = self.encoder_hidden_states(input_values, input_features, input_features_mask, isolate_items)
+        latents, codes = self.quantizer(hidden)
+        audio_codes_mask = None
+        if padding_mask is not None:
+            # As the reference: valid codes = valid samples // hop, shaped like the mask's leading dims.
+            token_length = jnp.sum(padding_mask, axis=-1, keepdims=True) // self.config.hop_length
+            idx = jnp.arange(codes.shape[-1])
+            audio_codes_mask = (idx < token_length).astype(padding_mask.dtype)
+        return Xcodec2EncoderOutput(
+            audio_codes=codes[:, None, :],
+            latents=jnp.swapaxes(latents, 1, 2) if output_latents else None,
+            audio_codes_mask=audio_codes_mask,
+        )
+
+    def encoder_hidden_states(
+        self,
+        input_values: jnp.ndarray,
+        input_features: jnp.ndarray,
+        input_features_mask: jnp.ndarray | None = None,
+        isolate_items: bool = False,
+    ) -> jnp.ndarray:
+        """The pre-quantization hidden states (B, N, hidden_size + semantic hidden_size), the
+        ``fc_encoder`` output that the reference's quantizer receives; arguments as :meth:`encode`."""
         if input_values.ndim != 3 or input_values.shape[1] != 1:
             raise ValueError(f"input_values must have shape (batch, 1, samples), got {input_values.shape}")
         if input_features.ndim != 3:
@@ -137,6 +167,7 @@ class Xcodec2Model(nn.Module):
                 raise ValueError("isolate_items=True needs input_features_mask")
             frames = jnp.sum(jnp.asarray(input_features_mask).astype(jnp.int32), axis=-1)
         semantic = self.semantic_encoder(input_features.astype(self.dtype), input_features_mask)
+        semantic = jax.lax.stop_gradient(semantic)  # frozen, as the reference's torch.no_grad()
         semantic = self.semantic_adapter(semantic, None if frames is None else input_features_mask)
         waveform = jnp.swapaxes(input_values, 1, 2).astype(self.dtype)
         if frames is None:
@@ -148,20 +179,7 @@ class Xcodec2Model(nn.Module):
                 f"input_features give {semantic.shape[1]} frames but input_values give {acoustic.shape[1]}; "
                 f"use the feature extractor, which pads audio to a multiple of {self.config.hop_length}"
             )
-        hidden = self.fc_encoder(jnp.concatenate([semantic, acoustic.astype(semantic.dtype)], axis=-1))
-        latents, codes = self.quantizer(hidden)
-
-        audio_codes_mask = None
-        if padding_mask is not None:
-            # As the reference: valid codes = valid samples // hop, shaped like the mask's leading dims.
-            token_length = jnp.sum(padding_mask, axis=-1, keepdims=True) // self.config.hop_length
-            idx = jnp.arange(codes.shape[-1])
-            audio_codes_mask = (idx < token_length).astype(padding_mask.dtype)
-        return Xcodec2EncoderOutput(
-            audio_codes=codes[:, None, :],
-            latents=jnp.swapaxes(latents, 1, 2) if output_latents else None,
-            audio_codes_mask=audio_codes_mask,
-        )
+        return self.fc_encoder(jnp.concatenate([semantic, acoustic.astype(semantic.dtype)], axis=-1))
 
     def decode(
         self,
