@@ -51,7 +51,7 @@ def test_second_load_maps_the_prepared_file_and_gives_the_same_params(small_ref,
         assert leaf.ctypes.data % 64 == 0, path
 
 
-def _memmap_file(array):
+def _memmap_file(array):  # noqa: D103
     while not isinstance(array, np.memmap) or array.filename is None:
         array = array.base
     return array.filename

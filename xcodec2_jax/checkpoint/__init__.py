@@ -136,19 +136,24 @@ def load_checkpoint(
         config = config_for(path, inspected)
     if params_cache is None:
         return config, _load(path, inspected, config, dtype, placement)
-    from .prepared import checkpoint_files, entry_key, lookup, store
+    from .prepared import checkpoint_files, entry_key, lookup, prepare
 
     directory = os.fspath(params_cache)
     key, sources = entry_key(checkpoint_files(path, inspected[0]), config, dtype)
     params = lookup(directory, key)
     if params is None:
-        host = _load(path, inspected, config, dtype, None)
-        params = lookup(directory, key) if store(directory, key, sources, host) else None
-        params = host if params is None else params
+
+        def build(file):
+            return _load(path, inspected, config, dtype, None, file)
+
+        params = prepare(directory, key, sources, build)
+    if params is None:  # could not be kept: loaded as without the cache
+        return config, _load(path, inspected, config, dtype, placement)
     return config, params if placement is None else place_tree(params, placement)
 
 
-def _load(path: str, inspected, config, dtype, placement):
+def _load(path: str, inspected, config, dtype, placement, file: str | None = None):
+    """The params; with ``file`` (safetensors formats), written into that file, mapped."""
     from ..model import checkpoint_shapes, scanned_layers
     from .io import populated_buffer
     from .orbax import restore
@@ -164,13 +169,13 @@ def _load(path: str, inspected, config, dtype, placement):
     tensors = {k: v for k, v in tensors.items() if k not in UNUSED_KEYS}
     # The host buffer is populated on another thread while the model is traced for its shapes.
     with ThreadPoolExecutor(1) as pool:
-        buffer = (
-            pool.submit(populated_buffer, host_bytes(tensors, dtype)) if stays_on_host(placement) else None
-        )
+        on_host = stays_on_host(placement) and file is None
+        buffer = pool.submit(populated_buffer, host_bytes(tensors, dtype)) if on_host else None
         expected = checkpoint_shapes(config)
         buffer = None if buffer is None else buffer.result()
     placed = map_state(tensors, expected, source=f"checkpoint {path!r}")
-    return assemble(placed, scanned_layers(config), dtype=dtype, placement=placement, buffer=buffer)
+    stacks = scanned_layers(config)
+    return assemble(placed, stacks, dtype=dtype, placement=placement, buffer=buffer, file=file)
 
 
 def load_params(

@@ -12,6 +12,7 @@ threads (numpy copies release the GIL).
 
 from __future__ import annotations
 
+import mmap
 import os
 import re
 from collections.abc import Mapping
@@ -98,19 +99,38 @@ class _Arena:
     For parameters that stay in host memory (no placement, or a CPU device): one populated allocation
     (see ``populated_buffer``) instead of page faults spread over every copy. ``buffer``, if given and
     large enough, is used instead of a new one (``load_checkpoint`` populates it during the trace).
+    With ``file``, the allocation is that file, mapped shared: each parameter's pages leave the
+    process once it is written (``drop``), and the file holds every parameter at the end.
     """
 
-    def __init__(self, specs, buffer: np.ndarray | None = None):
+    def __init__(self, specs, buffer: np.ndarray | None = None, file: str | None = None):
         self.specs, self.offsets, total = specs, {}, 0
         for path, spec in specs.items():
             self.offsets[path] = total
             total += padded_size(_nbytes(spec))
-        self.buffer = buffer if buffer is not None and buffer.size >= total else populated_buffer(total)
+        self.mapped = None
+        if file is not None:
+            self.buffer = self.mapped = np.memmap(file, np.uint8, mode="w+", shape=(max(total, 1),))
+        elif buffer is not None and buffer.size >= total:
+            self.buffer = buffer
+        else:
+            self.buffer = populated_buffer(total)
 
     def view(self, path) -> np.ndarray:
         shape, dt = self.specs[path]
         start = self.offsets[path]
         return self.buffer[start : start + _nbytes(self.specs[path])].view(dt).reshape(shape)
+
+    def drop(self, path) -> None:
+        """With a file: the written parameter's whole pages leave the process (not the file)."""
+        mm = getattr(self.mapped, "_mmap", None)
+        if mm is None or not hasattr(mm, "madvise"):
+            return
+        page = mmap.PAGESIZE
+        start = -(-self.offsets[path] // page) * page
+        end = (self.offsets[path] + _nbytes(self.specs[path])) // page * page
+        if end > start:
+            mm.madvise(mmap.MADV_DONTNEED, start, end - start)
 
 
 def _fill(buf: np.ndarray, items, placed) -> None:
@@ -182,12 +202,14 @@ def assemble(
     placement: Any = None,
     workers: int | None = None,
     buffer: np.ndarray | None = None,
+    file: str | None = None,
 ) -> dict[str, Any]:
     """``{checkpoint path: (tensor, perm)}`` (from ``map_state``) -> the nested model parameter tree.
 
     Host numpy arrays without ``placement`` (views of one shared buffer); else ``jax.Array`` s placed
     by it (a ``jax.Device``, a ``Sharding``, or a tree of them in the model layout), each host buffer
-    dropped once placed (on a CPU device, adopted by XLA without a copy).
+    dropped once placed (on a CPU device, adopted by XLA without a copy). With ``file`` (and no
+    placement): the parameters are written into that file, mapped, and come back as views of it.
     """
     groups = model_paths(placed, stacks)
     from ..model import keeps_float32
@@ -197,16 +219,20 @@ def assemble(
     specs = {
         p: _leaf_spec(items, placed, island if keeps_float32(p) else dtype) for p, items in groups.items()
     }
+    if file is not None and placement is not None:
+        raise ValueError("assemble writes to a file only without a placement")
     shardings = None if placement is None else _shardings(placement, groups)
     arena = None
     if shardings is None or all(_on_one_cpu(shardings[p]) for p in groups):
-        arena = _Arena(specs, buffer)
+        arena = _Arena(specs, buffer, file)
     if shardings is not None:
         import jax
 
     def build(path):
         buf = arena.view(path) if arena is not None else aligned_empty(*specs[path])
         _fill(buf, groups[path], placed)
+        if arena is not None:
+            arena.drop(path)
         if shardings is None:
             return buf
         return jax.device_put(buf, shardings[path], may_alias=True)

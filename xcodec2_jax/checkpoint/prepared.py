@@ -26,7 +26,7 @@ import os
 import shutil
 import tempfile
 import warnings
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import numpy as np
@@ -112,42 +112,77 @@ def lookup(directory: str, key: str) -> dict[str, Any] | None:
     return unflatten(flat)
 
 
-def store(directory: str, key: str, sources: list[list], params: Mapping[str, Any]) -> bool:
-    """Write ``params`` (host arrays) as the entry ``key``; False (with a warning) if it cannot be."""
-    flat = {"/".join(p): np.ascontiguousarray(v) for p, v in flatten(params).items()}
-    layout, size = {}, 0
-    for name, value in flat.items():
-        layout[name] = [size, list(value.shape), value.dtype.name]
-        size += padded_size(value.nbytes)
+def prepare(directory: str, key: str, sources: list[list], build: Callable[[str], Any]) -> dict | None:
+    """Make the entry ``key`` and return it mapped (``lookup``), or None (with a warning) if it cannot
+    be kept; errors of ``build`` itself propagate.
+
+    ``build(file)`` gives the parameter tree: views of ``file`` mapped shared, filled in place (see
+    ``place.assemble``), or host arrays, which are then written into ``file``.
+    """
+    need = sum(s[1] for s in sources)
     try:
         os.makedirs(directory, mode=0o700, exist_ok=True)
-        if shutil.disk_usage(directory).free < size + _DISK_MARGIN:
+        if shutil.disk_usage(directory).free < need + _DISK_MARGIN:
             warnings.warn(
                 f"not keeping a prepared copy of the checkpoint in {directory}: "
-                f"{size / 2**30:.1f} GiB would leave less than 1 GiB free",
+                f"{need / 2**30:.1f} GiB would leave less than 1 GiB free",
                 stacklevel=3,
             )
-            return False
+            return None
         _remove_stale(directory, key, sources)
-        with tempfile.NamedTemporaryFile(dir=directory, suffix=".tmp", delete=False) as f:
-            for name, value in flat.items():
-                f.seek(layout[name][0])
-                # A 0-d or empty array has no buffer worth writing; its padding is a hole.
-                if value.nbytes:
-                    f.write(memoryview(value.reshape(-1).view(np.uint8)))
-            f.truncate(size)
-        os.replace(f.name, os.path.join(directory, key + ".params"))
+        fd, tmp = tempfile.mkstemp(dir=directory, suffix=".tmp")
+        os.close(fd)
+    except OSError as e:
+        warnings.warn(f"cannot keep a prepared copy of the checkpoint in {directory} ({e})", stacklevel=3)
+        return None
+    try:
+        flat = {"/".join(p): v for p, v in flatten(build(tmp)).items()}
+        layout, size = _layout(tmp, flat)
+        del flat  # unmaps the file written in place
+        os.replace(tmp, os.path.join(directory, key + ".params"))
         index = {"format": FORMAT_VERSION, "sources": sources, "size": size, "params": layout}
         with tempfile.NamedTemporaryFile("w", dir=directory, suffix=".tmp", delete=False) as g:
             json.dump(index, g)
         os.replace(g.name, os.path.join(directory, key + ".json"))
     except OSError as e:
         warnings.warn(f"cannot keep a prepared copy of the checkpoint in {directory} ({e})", stacklevel=3)
-        for leftover in (locals().get("f"), locals().get("g")):
-            if leftover is not None and os.path.exists(leftover.name):
-                os.unlink(leftover.name)
-        return False
-    return True
+        return None
+    finally:
+        for leftover in (tmp, locals().get("g") and locals()["g"].name):
+            if leftover and os.path.exists(leftover):
+                os.unlink(leftover)
+    return lookup(directory, key)
+
+
+def _mapped_file(array: Any) -> np.memmap | None:
+    """The memmap that owns ``array``'s memory (its views are memmaps too), or None."""
+    if not isinstance(array, np.ndarray):
+        return None
+    while isinstance(array.base, np.ndarray):
+        array = array.base
+    return array if isinstance(array, np.memmap) and array.filename is not None else None
+
+
+def _layout(file: str, flat: Mapping[str, Any]) -> tuple[dict, int]:
+    """``{name: [offset, shape, dtype]}`` and the size of ``file`` holding ``flat``: read off the views
+    of a file written in place, else written into it here, each array at a 64-byte boundary."""
+    roots = [_mapped_file(v) for v in flat.values()] if flat else [None]
+    root = roots[0]
+    if root is not None and all(r is root for r in roots) and os.path.samefile(root.filename, file):
+        base = root.ctypes.data
+        layout = {n: [v.ctypes.data - base, list(v.shape), v.dtype.name] for n, v in flat.items()}
+        return layout, int(root.size)
+    layout, size = {}, 0
+    with open(file, "wb") as f:
+        for name, value in flat.items():
+            value = np.ascontiguousarray(value)
+            layout[name] = [size, list(value.shape), value.dtype.name]
+            f.seek(size)
+            if value.nbytes:
+                f.write(memoryview(value.reshape(-1).view(np.uint8)))
+            size += padded_size(value.nbytes)
+        f.truncate(size)
+    return layout, size
 
 
 def _remove_stale(directory: str, key: str, sources: list[list]) -> None:
