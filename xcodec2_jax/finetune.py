@@ -139,6 +139,22 @@ def _read_log(path: str, upto: int) -> list[dict]:
     return [e for e in entries if e["step"] <= upto]
 
 
+def _check_settings(path: str, settings: dict, resuming: bool) -> None:
+    """Refuse to resume a run under other settings (its resume would not be exact); else record them."""
+    if resuming and os.path.isfile(path):
+        with open(path, encoding="utf-8") as f:
+            before = json.load(f)
+        changed = {k: (before.get(k), v) for k, v in settings.items() if before.get(k) != v}
+        if changed:
+            raise ValueError(
+                f"{os.path.dirname(path)} holds a fine-tune with other settings ({changed}; was, now): "
+                "resuming it would not be exact; use another output folder"
+            )
+        return
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(settings, f, indent=2)
+
+
 def finetune(
     data: str,
     output: str,
@@ -188,30 +204,21 @@ def finetune(
         trainable=list(tc.trainable),
         clips=len(clips),
     )
-    os.makedirs(output, exist_ok=True)
-    settings_file = os.path.join(output, SETTINGS_NAME)
-    if os.path.isfile(settings_file):
-        with open(settings_file, encoding="utf-8") as f:
-            before = json.load(f)
-        changed = {k: (before.get(k), v) for k, v in settings.items() if before.get(k) != v}
-        if changed:
-            raise ValueError(
-                f"{output} holds a fine-tune with other settings ({changed}; was, now): "
-                "resuming it would not be exact; use another output folder"
-            )
-    else:
-        with open(settings_file, "w", encoding="utf-8") as f:
-            json.dump(settings, f, indent=2)
-
     enable_compilation_cache()
     config, params = load_checkpoint(_resolve_checkpoint(model, None, None))
     trainer = Trainer(config, tc, devices)
     if batch_size % trainer.num_devices:
         raise ValueError(f"batch size {batch_size} is not a multiple of the {trainer.num_devices} devices")
     segments = Segments(clips, segment_samples(config, segment_seconds), seed)
+    os.makedirs(output, exist_ok=True)
     checkpoints = StateCheckpoints(os.path.join(output, CHECKPOINTS_DIR))
-    state, frozen = trainer.init_state(params)
     start = checkpoints.latest_step() or 0
+    try:
+        _check_settings(os.path.join(output, SETTINGS_NAME), settings, resuming=bool(start))
+    except ValueError:
+        checkpoints.close()
+        raise
+    state, frozen = trainer.init_state(params)
     if start:
         state = checkpoints.restore(trainer.abstract_state(params), start)
     del params
