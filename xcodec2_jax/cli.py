@@ -265,7 +265,47 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("input")
     p.add_argument("output", help="output WAV path")
     p.set_defaults(func=cmd_roundtrip)
+    _add_finetune_parser(sub, DEFAULT_MODEL_ID)
     return parser
+
+
+def _add_finetune_parser(sub, default_model: str) -> None:
+    p = sub.add_parser(
+        "finetune", help="fine-tune the decoder on a folder or manifest of audio (resumes if rerun)"
+    )
+    p.add_argument("data", help="folder of audio files, or a manifest (.txt/.lst paths, .jsonl with 'path')")
+    p.add_argument("-o", "--output", required=True, metavar="OUT", help="checkpoints, log and the model")
+    p.add_argument("--model", default=default_model, help=f"model to start from (default {default_model})")
+    p.add_argument("--steps", type=int, default=1000, help="optimizer steps (default 1000)")
+    p.add_argument("--batch-size", type=int, default=4, help="segments per step (default 4)")
+    p.add_argument("--segment-seconds", type=float, default=2.0, help="segment length (default 2)")
+    p.add_argument("--lr", type=float, default=1e-4, help="peak learning rate (default 1e-4)")
+    p.add_argument("--save-every", type=int, default=500, help="checkpoint every K steps (default 500)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the segment draws (default 0)")
+    p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="compute dtype")
+    p.set_defaults(func=cmd_finetune)
+
+
+def cmd_finetune(args, run: _Run) -> None:
+    from .finetune import finetune
+
+    try:
+        finetune(
+            args.data,
+            args.output,
+            model=args.model,
+            steps=args.steps,
+            batch_size=args.batch_size,
+            segment_seconds=args.segment_seconds,
+            learning_rate=args.lr,
+            save_every=args.save_every,
+            seed=args.seed,
+            compute_dtype=args.dtype,
+        )
+    except OSError as e:
+        raise ModelLoadError(str(e)) from e
+    except ValueError as e:
+        run.fail(args.data, str(e))
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -1,0 +1,208 @@
+"""Decoder fine-tuning step: xcodec2_jax's ``Trainer`` vs the same step written in PyTorch.
+
+One step, both sides: features of a batch of real speech, the frozen encoder's codes (no gradient),
+the decoder's reconstruction, loss = log-mel L1 + multi-resolution STFT (auraloss on the torch side,
+``xcodec2_jax.losses`` on ours, equal to it), backward through the decoder only, gradient clipping
+at global norm 1 and an AdamW update of the decoder's parameters. The torch side computes features
+with our numpy extractor (transformers' needs torchaudio, which does not load here) and its mel loss
+with ``torch.stft`` and transformers' mel filter bank, as ``tests/test_losses.py`` checks ours against.
+
+The two are warmed up (JAX: compiled ahead of time, compile time reported), then timed in
+alternating rounds. Memory: JAX, XLA's buffer assignment of the compiled step (arguments, i.e. the
+weights, optimizer state and batch, + temporaries + outputs − donated); torch, the tensor storages
+alive at once during a step (``measure``'s dispatch-mode tracker, backward included) plus the
+weights, gradients and optimizer state the step touches.
+
+    python -m benchmarks.bench_train                       # full config, batch 4 x 2 s, 3 rounds
+    python -m benchmarks.bench_train --config tiny --rounds 1
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+from . import measure
+from .bench_codec import TINY_CONFIG, make_batch, speech_loop, spread_weights_
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # see README: spinning OpenMP threads on a shared CPU
+OUT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results_train.jsonl")
+LR = 1e-4
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--config", choices=("full", "tiny"), default="full")
+    p.add_argument("--batch", type=int, default=4)
+    p.add_argument("--seconds", type=float, default=2.0)
+    p.add_argument("--rounds", type=int, default=3, help="timed rounds (each runs both steps once)")
+    p.add_argument("--out", default=OUT)
+    return p.parse_args(argv)
+
+
+def torch_step_fn(model, audio: np.ndarray):
+    """A closure running one torch fine-tuning step on ``audio`` (B, T); returns the loss."""
+    import torch
+    from auraloss.freq import MultiResolutionSTFTLoss
+    from transformers.audio_utils import mel_filter_bank
+
+    from xcodec2_jax.features import Xcodec2FeatureExtractor
+
+    for p in model.parameters():
+        p.requires_grad_(False)
+    decoder = [p for p in model.acoustic_decoder.parameters()]
+    for p in decoder:
+        p.requires_grad_(True)
+    matrices = [p for p in decoder if p.ndim > 1]
+    others = [p for p in decoder if p.ndim <= 1]
+    optimizer = torch.optim.AdamW(
+        [{"params": matrices, "weight_decay": 0.01}, {"params": others, "weight_decay": 0.0}], lr=LR
+    )
+    mrstft = MultiResolutionSTFTLoss()
+    fb = torch.from_numpy(mel_filter_bank(513, 100, 0.0, 8000.0, 16000, norm=None, mel_scale="htk")).float()
+    window = torch.hann_window(1024)
+    extractor = Xcodec2FeatureExtractor()
+    target = torch.from_numpy(audio)
+
+    def log_mel(a):
+        spec = torch.stft(a, 1024, 256, window=window, center=True, pad_mode="reflect", return_complex=True)
+        return torch.log(torch.clamp(torch.einsum("bft,fm->bmt", spec.abs(), fb), min=1e-7))
+
+    def step():
+        inputs = {k: torch.from_numpy(v) for k, v in extractor(list(audio)).items()}
+        with torch.no_grad():
+            codes = model.encode(
+                inputs["input_values"], inputs["input_features"], inputs["padding_mask"]
+            ).audio_codes
+        recon = model.decode(codes).audio_values[:, 0, : audio.shape[1]]
+        loss = torch.nn.functional.l1_loss(log_mel(recon), log_mel(target))
+        loss = loss + mrstft(recon[:, None], target[:, None])
+        optimizer.zero_grad(set_to_none=False)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(decoder, 1.0)
+        optimizer.step()
+        return loss.item()
+
+    return step, [*model.parameters(), *(p.grad for p in decoder if p.grad is not None)], optimizer
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    import jax
+    import torch
+    from transformers import Xcodec2Config as TorchConfig
+    from transformers import Xcodec2Model as TorchModel
+
+    from xcodec2_jax import load_checkpoint
+    from xcodec2_jax.train import TrainConfig, Trainer
+
+    torch.set_num_threads(os.cpu_count())
+    loop = speech_loop()[0]
+    audio = np.stack(make_batch(loop, args.seconds, args.batch))
+    torch.manual_seed(0)
+    model = TorchModel(TorchConfig(**(TINY_CONFIG if args.config == "tiny" else {}))).eval()
+    spread_weights_(model, loop[: 2 * 16000], 0)
+    with tempfile.TemporaryDirectory() as tmp:
+        model.save_pretrained(tmp)
+        config, params = load_checkpoint(tmp)
+
+    trainer = Trainer(config, TrainConfig(steps=1000, learning_rate=LR))
+    state, frozen = trainer.init_state(params)
+    del params
+    batch = jax.device_put(audio, trainer.data_sharding)
+    start = time.perf_counter()
+    compiled = trainer._step.lower(state, frozen, batch).compile()
+    compile_s = time.perf_counter() - start
+    jax_peak, jax_work = measure.jax_memory(compiled)
+    holder = {"state": state}
+
+    def jax_step():
+        holder["state"], metrics = compiled(holder["state"], frozen, batch)
+        return float(metrics["loss"])
+
+    start = time.perf_counter()
+    jax_losses = [jax_step()]
+    jax_first = time.perf_counter() - start
+
+    torch_step, external, optimizer = torch_step_fn(model, audio)
+    start = time.perf_counter()
+    torch_losses = [torch_step()]  # creates the optimizer state and gradients
+    torch_first = time.perf_counter() - start
+    external = [*external, *(t for s in optimizer.state.values() for t in s.values() if torch.is_tensor(t))]
+    external += [p.grad for p in model.acoustic_decoder.parameters() if p.grad is not None]
+    tracker = measure._tensor_memory_tracker_cls()(external)
+    with tracker:
+        torch_losses.append(torch_step())
+    torch_peak = (tracker.used_external_bytes + tracker.peak) / measure.MB
+    jax_losses.append(jax_step())
+
+    times = {"jax": [], "torch": []}
+    calls = {"jax": jax_step, "torch": torch_step}
+    load_start = measure._loadavg()
+    for r in range(args.rounds):
+        for name in (("jax", "torch") if r % 2 == 0 else ("torch", "jax")):
+            start = time.perf_counter()
+            (jax_losses if name == "jax" else torch_losses).append(calls[name]())
+            times[name].append(time.perf_counter() - start)
+    load_end = measure._loadavg()
+
+    base = dict(
+        config=args.config,
+        batch=args.batch,
+        seconds=args.seconds,
+        stage="train_step",
+        cpu=platform.processor() or platform.machine(),
+        cpu_count=os.cpu_count(),
+        jax=jax.__version__,
+        torch=torch.__version__,
+        torch_threads=torch.get_num_threads(),
+        loadavg_start=load_start,
+        loadavg_end=load_end,
+    )
+    rows = []
+    for name, first, peak, work, losses in (
+        ("jax", jax_first, jax_peak, jax_work, jax_losses),
+        ("torch", torch_first, torch_peak, tracker.peak / measure.MB, torch_losses),
+    ):
+        med = statistics.median(times[name])
+        rows.append(
+            dict(
+                base,
+                impl=name,
+                compile_s=compile_s if name == "jax" else None,
+                first_run_s=first,
+                times_s=[round(t, 4) for t in times[name]],
+                median_s=med,
+                steps_per_s=1.0 / med,
+                peak_mem_mb=peak,
+                work_mem_mb=work,
+                losses=[round(x, 5) for x in losses],
+            )
+        )
+    rows[0]["speedup_vs_torch"] = rows[1]["median_s"] / rows[0]["median_s"]
+    # Both first losses come from the same weights and batch (the JAX schedule's first step has lr 0).
+    rows[0]["first_loss_rel_diff_vs_torch"] = abs(jax_losses[0] - torch_losses[0]) / abs(torch_losses[0])
+    with open(args.out, "a", encoding="utf-8") as f:
+        for row in rows:
+            f.write(json.dumps(row) + "\n")
+    for row in rows:
+        print(
+            f"{row['impl']:6s} {row['steps_per_s']:.3f} steps/s (median {row['median_s']:.3f} s of "
+            f"{row['times_s']}), peak {row['peak_mem_mb']:.0f} MB, first step {row['first_run_s']:.1f} s, "
+            f"losses {row['losses'][:3]}",
+            file=sys.stderr,
+        )
+    print(f"speedup {rows[0]['speedup_vs_torch']:.2f}x, JAX compile {compile_s:.1f} s", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
