@@ -59,6 +59,19 @@ def _init_distributed(coordinator_address, num_processes, process_id, distribute
     )
 
 
+# Processes finish their shards at different times; a dead one fails the barrier sooner (JAX's
+# coordination service notices missing heartbeats).
+BARRIER_TIMEOUT_S = 24 * 3600
+
+
+def _barrier(name: str) -> None:
+    """Wait for every process, through the coordination service: no device collective, so nothing to
+    compile, and it works on every backend (sync_global_devices needs cross-process collectives)."""
+    from jax._src import distributed
+
+    distributed.global_state.client.wait_at_barrier(name, BARRIER_TIMEOUT_S * 1000)
+
+
 def _load(model, dtype, precision, batch_size, revision, cache_dir, compilation_cache):
     import jax
     import jax.numpy as jnp
@@ -317,9 +330,7 @@ def tokenize(
     stats["shapes"] = sorted(encoder.shapes)
     stats["shards_written"] = len(mine)
     if nproc > 1:
-        from jax.experimental import multihost_utils
-
-        multihost_utils.sync_global_devices("xcodec2_jax.tokenize: all shards written")
+        _barrier("xcodec2_jax.tokenize: all shards written")
     extra = {
         "library_version": __version__,
         "num_devices": jax.device_count(),
@@ -333,5 +344,5 @@ def tokenize(
         num, seconds, errs = shard_stats(plan)
         manifest = {**job, **extra, "num_items": num, "num_errors": len(errs), "audio_seconds": seconds}
     if nproc > 1:
-        multihost_utils.sync_global_devices("xcodec2_jax.tokenize: manifest written")
+        _barrier("xcodec2_jax.tokenize: manifest written")
     return {**manifest, "run": stats}

@@ -184,7 +184,11 @@ def read_item(item: Item) -> np.ndarray:
 
     try:
         if item.row is None:
-            audio, rate = sf.read(item.path, dtype="float32", always_2d=False)
+            # Read whole, then decoded from memory: soundfile opens files under a process-wide lock,
+            # so one slow (network, FIFO) file would otherwise stall every worker.
+            with open(item.path, "rb") as f:
+                data = f.read()
+            audio, rate = sf.read(io.BytesIO(data), dtype="float32", always_2d=False)
         else:
             audio, rate = _parquet_audio(item)
     except ValueError:
