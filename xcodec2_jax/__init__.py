@@ -20,6 +20,7 @@ _EXPORTS = {
     "Xcodec2Codec": "codec",
     "EncodedAudio": "codec",
     "load_checkpoint": "checkpoint",
+    "tokenize": "corpus",
 }
 
 __all__ = sorted(_EXPORTS)
@@ -28,6 +29,7 @@ if TYPE_CHECKING:  # static names for type checkers and IDEs; at run time __geta
     from .checkpoint import CheckpointMismatchError, load_checkpoint, load_params  # noqa: F401
     from .codec import EncodedAudio, Xcodec2Codec  # noqa: F401
     from .config import SemanticConfig, Xcodec2Config  # noqa: F401
+    from .corpus import tokenize  # noqa: F401
     from .features import Xcodec2FeatureExtractor, fbank_features_jax  # noqa: F401
     from .model import Xcodec2Model  # noqa: F401
 

@@ -211,6 +211,17 @@ def cmd_roundtrip(args, run: _Run) -> None:
     _write_wav(args.output, decoded[: len(audio)], codec.sampling_rate)
 
 
+def cmd_tokenize(args, run: _Run) -> None:
+    from .corpus.summary import run_tokenize
+
+    try:
+        run.failed += run_tokenize(args)
+    except OSError as e:  # the model could not be loaded
+        raise ModelLoadError(str(e)) from e
+    except ValueError as e:  # unusable sources, or an output folder of another job
+        run.fail(args.output, str(e))
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .codec import DEFAULT_MODEL_ID
 
@@ -266,6 +277,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("output", help="output WAV path")
     p.set_defaults(func=cmd_roundtrip)
     _add_finetune_parser(sub, DEFAULT_MODEL_ID)
+    from .corpus.summary import add_tokenize_parser
+
+    add_tokenize_parser(sub, common, cmd_tokenize)
     return parser
 
 
