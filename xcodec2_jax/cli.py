@@ -57,22 +57,6 @@ def _expand_inputs(inputs: Sequence[str], suffixes: tuple[str, ...], run: _Run) 
     return pairs
 
 
-def _read_audio(path: str) -> np.ndarray:
-    """A file as 16 kHz mono float32 (the codec's rules); ValueError says what is wrong with it."""
-    import soundfile as sf
-
-    from .codec import prepare_audio
-
-    try:
-        audio, rate = sf.read(path, dtype="float32", always_2d=False)
-    except Exception as e:  # soundfile raises LibsndfileError, RuntimeError, TypeError ...
-        raise ValueError(f"cannot read audio ({type(e).__name__}: {e})") from None
-    try:
-        return prepare_audio(audio, rate)
-    except ValueError as e:
-        raise ValueError(str(e).removeprefix("item 0: ")) from None
-
-
 def _jobs(args, run: _Run, suffixes: tuple[str, ...], out_suffix: str) -> list[tuple[str, str]]:
     """(input, output) pairs, skipping (and reporting) inputs whose output exists without --overwrite."""
     jobs = []
@@ -126,6 +110,8 @@ def _load_codec(args):
 
 
 def cmd_encode(args, run: _Run) -> None:
+    from .codec import read_audio
+
     jobs = _jobs(args, run, AUDIO_SUFFIXES, ".npy")
     if not jobs:
         return
@@ -136,7 +122,7 @@ def cmd_encode(args, run: _Run) -> None:
         for (target, _), codes in zip(group, encoded, strict=True):
             np.save(target, codes.astype(np.int32))
 
-    _in_groups(jobs, "encode", _read_audio, flush, args.batch_size, run)
+    _in_groups(jobs, "encode", read_audio, flush, args.batch_size, run)
 
 
 def _read_codes(path: str, codebook_size: int) -> np.ndarray:
@@ -197,11 +183,13 @@ def cmd_decode(args, run: _Run) -> None:
 
 
 def cmd_roundtrip(args, run: _Run) -> None:
+    from .codec import read_audio
+
     if os.path.exists(args.output) and not args.overwrite:
         run.fail(args.input, f"output {args.output} exists (use --overwrite to replace it)")
         return
     try:
-        audio = _read_audio(args.input)
+        audio = read_audio(args.input)
     except ValueError as e:
         run.fail(args.input, str(e))
         return

@@ -96,6 +96,31 @@ def prepare_audio(audio: Any, sampling_rate: float, index: int = 0) -> np.ndarra
     return a
 
 
+def read_audio(source: Any) -> np.ndarray:
+    """An audio file (a path or a binary file object) as 16 kHz mono float32 (:func:`prepare_audio`'s
+    rules); a ``ValueError`` of one line says what is wrong with it."""
+    import soundfile as sf
+
+    try:
+        audio, rate = sf.read(source, dtype="float32", always_2d=False)
+    except Exception as e:  # soundfile raises LibsndfileError, RuntimeError, TypeError ...
+        raise unreadable(e) from None
+    return prepare_item(audio, rate)
+
+
+def unreadable(error: Exception) -> ValueError:
+    """The one-line ``ValueError`` for audio that cannot be read."""
+    return ValueError(f"cannot read audio ({type(error).__name__}: {' '.join(str(error).split())})")
+
+
+def prepare_item(audio: Any, sampling_rate: float) -> np.ndarray:
+    """:func:`prepare_audio` of one item, its errors without the item index."""
+    try:
+        return prepare_audio(audio, sampling_rate)
+    except ValueError as e:
+        raise ValueError(str(e).removeprefix("item 0: ")) from None
+
+
 @dataclasses.dataclass
 class EncodedAudio:
     """Codes of a batch: ``codes`` (B, N) int32 zero-padded past ``lengths`` (B,) valid codes."""
@@ -209,18 +234,22 @@ class Xcodec2Codec:
         cache_dir: str | None = None,
         compilation_cache: str | os.PathLike | bool | None = None,
         compiler_options: dict | None = None,
+        device: jax.Device | None = None,
     ) -> Xcodec2Codec:
         """Load a checkpoint directory (transformers or original format, ``config.json`` + safetensors)
         or download a Hugging Face Hub repo (needs the ``hub`` extra). ``cache_dir`` is the Hub's
         download folder; ``compilation_cache`` JAX's (see ``__init__``); the checkpoint prepared in the
         model's layout is kept in its subfolder ``xcodec2_jax_params`` (see
-        :mod:`xcodec2_jax.checkpoint.prepared`), so that a later load only maps it."""
+        :mod:`xcodec2_jax.checkpoint.prepared`), so that a later load only maps it. ``device``: where
+        the weights go (default: this process's first device)."""
         path = _resolve_checkpoint(os.fspath(path_or_repo_id), revision, cache_dir)
         # On before loading: the loader may compile too.
         cache = enable_compilation_cache(compilation_cache)
         # The checkpoint prepared in the model's layout is kept beside the compilation cache (and off
         # with it): a later load maps it, and XLA's CPU client adopts the mapped pages as they are.
-        config, params = load_checkpoint(path, device=jax.devices()[0], params_cache=params_dir(cache))
+        # jax.local_devices: on a multi-host job, jax.devices()[0] belongs to process 0.
+        device = jax.local_devices()[0] if device is None else device
+        config, params = load_checkpoint(path, device=device, params_cache=params_dir(cache))
         return cls(
             config,
             params,

@@ -21,6 +21,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from .codec import read_audio
 from .train import StateCheckpoints, TrainConfig, Trainer, merge_params, segment_samples
 
 AUDIO_SUFFIXES = (".wav", ".flac", ".ogg", ".oga", ".mp3", ".aiff", ".aif", ".au")
@@ -70,22 +71,6 @@ def audio_paths(data: str) -> list[str]:
                     continue
             paths.append(os.path.join(root, line))
     return paths
-
-
-def read_audio(path: str) -> np.ndarray:
-    """A file as 16 kHz mono float32; ValueError says what is wrong with it."""
-    import soundfile as sf
-
-    from .codec import prepare_audio
-
-    try:
-        audio, rate = sf.read(path, dtype="float32", always_2d=False)
-    except Exception as e:  # soundfile raises LibsndfileError, RuntimeError, TypeError ...
-        raise ValueError(f"cannot read audio ({type(e).__name__}: {e})") from None
-    try:
-        return prepare_audio(audio, rate)
-    except ValueError as e:
-        raise ValueError(str(e).removeprefix("item 0: ")) from None
 
 
 class Segments:

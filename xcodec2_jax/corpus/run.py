@@ -73,24 +73,17 @@ def _barrier(name: str) -> None:
 
 
 def _load(model, dtype, precision, batch_size, revision, cache_dir, compilation_cache):
-    import jax
     import jax.numpy as jnp
 
-    from ..cache import enable_compilation_cache
-    from ..checkpoint import load_checkpoint
-    from ..codec import Xcodec2Codec, _resolve_checkpoint
+    from ..codec import Xcodec2Codec
 
-    path = _resolve_checkpoint(os.fspath(model), revision, cache_dir)
-    enable_compilation_cache(compilation_cache)
-    # The first *local* device: jax.devices()[0] belongs to process 0 on a multi-host job.
-    config, params = load_checkpoint(path, device=jax.local_devices()[0])
-    dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}.get(dtype, dtype)
-    return Xcodec2Codec(
-        config,
-        params,
-        dtype=dtype,
+    return Xcodec2Codec.from_pretrained(
+        model,
+        dtype={"float32": jnp.float32, "bfloat16": jnp.bfloat16}.get(dtype, dtype),
         precision=precision,
         batch_size=batch_size,
+        revision=revision,
+        cache_dir=cache_dir,
         compilation_cache=compilation_cache,
     )
 

@@ -19,7 +19,6 @@ from collections.abc import Sequence
 import numpy as np
 
 from ..cli import AUDIO_SUFFIXES
-from ..codec import prepare_audio
 
 MANIFEST_SUFFIXES = (".txt", ".jsonl")
 
@@ -180,22 +179,21 @@ def _parquet_audio(item: Item):
 
 def read_item(item: Item) -> np.ndarray:
     """An item's audio as 16 kHz mono float32; ValueError (one line) when it cannot be used."""
-    import soundfile as sf
+    from ..codec import prepare_item, read_audio, unreadable
 
-    try:
-        if item.row is None:
-            # Read whole, then decoded from memory: soundfile opens files under a process-wide lock,
-            # so one slow (network, FIFO) file would otherwise stall every worker.
+    if item.row is None:
+        # Read whole, then decoded from memory: soundfile opens files under a process-wide lock,
+        # so one slow (network, FIFO) file would otherwise stall every worker.
+        try:
             with open(item.path, "rb") as f:
                 data = f.read()
-            audio, rate = sf.read(io.BytesIO(data), dtype="float32", always_2d=False)
-        else:
-            audio, rate = _parquet_audio(item)
+        except OSError as e:
+            raise unreadable(e) from None
+        return read_audio(io.BytesIO(data))
+    try:
+        audio, rate = _parquet_audio(item)
     except ValueError:
         raise
     except Exception as e:  # soundfile raises LibsndfileError, RuntimeError, TypeError ...
-        raise ValueError(f"cannot read audio ({type(e).__name__}: {' '.join(str(e).split())})") from None
-    try:
-        return prepare_audio(audio, rate)
-    except ValueError as e:
-        raise ValueError(str(e).removeprefix("item 0: ")) from None
+        raise unreadable(e) from None
+    return prepare_item(audio, rate)
