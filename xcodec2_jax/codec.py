@@ -315,6 +315,27 @@ class Xcodec2Codec:
         return out if as_list else np.stack(out)
 
 
+    def decode_stream(
+        self,
+        *,
+        chunk: int | None = None,
+        lookahead: int | None = None,
+        context: int | None = None,
+        batch_size: int = 1,
+    ):
+        """A :class:`~xcodec2_jax.stream.DecodeStream`: push codes as they are generated, get the audio
+        that is final so far. Sizes are in codes (50 per second); None takes the measured defaults."""
+        from . import stream
+
+        return stream.DecodeStream(
+            self,
+            chunk=stream.DEFAULT_CHUNK if chunk is None else chunk,
+            lookahead=stream.DEFAULT_LOOKAHEAD if lookahead is None else lookahead,
+            context=stream.DEFAULT_CONTEXT if context is None else context,
+            batch_size=batch_size,
+        )
+
+
 def _pad_batch(inputs: dict[str, np.ndarray], rows: int) -> dict[str, np.ndarray]:
     """Append all-padding items (zero audio, masks 0, features at the padding value) up to ``rows``."""
     b = inputs["input_values"].shape[0]
