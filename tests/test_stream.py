@@ -93,7 +93,7 @@ def test_batched_streams_equal_single_streams(codec, small_ref):
     outs = [[] for _ in items]
     # Streams advance unevenly: every step pushes a random number of codes to each (or none).
     offsets = [0, 0, 0]
-    while any(o < len(it) for o, it in zip(offsets, items)):
+    while any(o < len(it) for o, it in zip(offsets, items, strict=True)):
         step = []
         for i, item in enumerate(items):
             k = int(rng.integers(0, 6))
@@ -104,7 +104,7 @@ def test_batched_streams_equal_single_streams(codec, small_ref):
     outs[1].append(batched.flush(stream=1))  # one stream ends early, the others go on together
     for i, part in enumerate(batched.flush_batch()):
         outs[i].append(part)
-    for single, parts, n in zip(singles, outs, lengths):
+    for single, parts, n in zip(singles, outs, lengths, strict=True):
         audio = np.concatenate(parts)
         assert audio.shape == (n * HOP,)
         np.testing.assert_allclose(audio, single, atol=1e-5 * np.abs(single).max())

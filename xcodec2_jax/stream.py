@@ -132,7 +132,8 @@ class DecodeStream:
         low, high = arr.min(), arr.max()
         if low < 0 or high >= self.codebook_size:
             raise ValueError(
-                f"stream {stream}: codes must lie in [0, {self.codebook_size}), found values in [{low}, {high}]"
+                f"stream {stream}: codes must lie in [0, {self.codebook_size}), "
+                f"found values in [{low}, {high}]"
             )
         return arr.astype(np.int32)
 
