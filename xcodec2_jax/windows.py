@@ -31,7 +31,7 @@ from . import features as F
 # Chosen from the measurements in the README ("Long audio"): beyond these contexts the windowed
 # codes / audio stop getting closer to the one-piece result.
 DEFAULT_MAX_WINDOW_SECONDS = 30.0
-DEFAULT_ENCODE_CONTEXT_SECONDS = 3.0
+DEFAULT_ENCODE_CONTEXT_SECONDS = 2.0
 DEFAULT_DECODE_CONTEXT_SECONDS = 2.0
 DEFAULT_CROSSFADE_SECONDS = 0.2
 
