@@ -69,7 +69,7 @@ def to_mono_float32(audio: Any, index: int = 0) -> np.ndarray:
         a = (a.astype(np.float64) - half) / half
     elif a.dtype.kind == "i":
         a = a.astype(np.float64) / 2.0 ** (8 * a.dtype.itemsize - 1)
-    a = a.astype(np.float32)
+    a = a.astype(np.float32, copy=False)  # float32 input is read, never written: no copy of an hour
     if a.ndim == 2:
         a = a.mean(axis=1, dtype=np.float32)
     if not np.isfinite(a).all():
@@ -344,6 +344,8 @@ class Xcodec2Codec:
         pieces = self._plan(n_codes, max_window_seconds, context_seconds, fade)
         piece_codes = [w.end - w.start for w in pieces]
         out: list[np.ndarray | None] = [None] * len(items)
+        # Rows of equal length are written in place: stacking them at the end would copy all the audio.
+        stacked = None if as_list else np.zeros((len(items), n_codes[0] * hop), np.float32)
         for batch in progress_bar(list(self._batches(piece_codes, batch_size)), "decode", "batch", progress):
             n = length_bucket(max(piece_codes[j] for j in batch))
             rows = batch_bucket(len(batch), size)
@@ -357,12 +359,17 @@ class Xcodec2Codec:
             for row, j in enumerate(batch):
                 w = pieces[j]
                 if w.end - w.start == n_codes[w.item]:
-                    out[w.item] = audio[row, : n_codes[w.item] * hop]
+                    if stacked is None:
+                        out[w.item] = audio[row, : n_codes[w.item] * hop]
+                    else:
+                        stacked[w.item] = audio[row, : n_codes[w.item] * hop]
                     continue
                 if out[w.item] is None:
-                    out[w.item] = np.zeros(n_codes[w.item] * hop, np.float32)
+                    out[w.item] = (
+                        np.zeros(n_codes[w.item] * hop, np.float32) if stacked is None else stacked[w.item]
+                    )
                 windows.add_decoded(out[w.item], audio[row], w, hop)
-        return out if as_list else np.stack(out)
+        return out if stacked is None else stacked
 
     def decode_stream(
         self,
