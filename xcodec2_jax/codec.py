@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from . import windows
 from .cache import enable_compilation_cache
 from .checkpoint import load_checkpoint
 from .checkpoint.prepared import params_dir
@@ -74,7 +75,7 @@ def to_mono_float32(audio: Any, index: int = 0) -> np.ndarray:
         a = (a.astype(np.float64) - half) / half
     elif a.dtype.kind == "i":
         a = a.astype(np.float64) / 2.0 ** (8 * a.dtype.itemsize - 1)
-    a = a.astype(np.float32)
+    a = a.astype(np.float32, copy=False)  # float32 input is read, never written: no copy of an hour
     if a.ndim == 2:
         a = a.mean(axis=1, dtype=np.float32)
     if not np.isfinite(a).all():
@@ -276,14 +277,23 @@ class Xcodec2Codec:
             yield order[start : start + size]
 
     def encode(
-        self, audio: Any, sampling_rate: float, *, batch_size: int | None = None, progress: bool = False
+        self,
+        audio: Any,
+        sampling_rate: float,
+        *,
+        batch_size: int | None = None,
+        progress: bool = False,
+        max_window_seconds: float | None = windows.DEFAULT_MAX_WINDOW_SECONDS,
+        context_seconds: float = windows.DEFAULT_ENCODE_CONTEXT_SECONDS,
     ) -> EncodedAudio:
         """Audio -> codes at 50 per second (16 kHz / 320).
 
         ``audio``: one array or a list of them, each (samples,) or (samples, channels), of any float or
         integer dtype (integers are scaled to [-1, 1)), at ``sampling_rate`` (resampled to 16 kHz).
         An item of T samples (at 16 kHz) gets ceil((T + 1) / 320) codes, as the reference gives it.
-        Bad items raise ``ValueError`` naming the item index.
+        An item longer than ``max_window_seconds`` is encoded in overlapping windows with
+        ``context_seconds`` on each side of the part kept (:mod:`xcodec2_jax.windows`); None encodes
+        every item in one piece. Bad items raise ``ValueError`` naming the item index.
         """
         items = audio if isinstance(audio, (list, tuple)) else [audio]
         if len(items) == 0:
@@ -293,14 +303,38 @@ class Xcodec2Codec:
         n_codes = [math.ceil((len(a) + 1) / hop) for a in prepared]
         codes = np.zeros((len(prepared), max(n_codes)), np.int32)
         size = batch_size or self.batch_size
-        for batch in progress_bar(list(self._batches(n_codes, batch_size)), "encode", "batch", progress):
-            n = length_bucket(max(n_codes[i] for i in batch))
-            inputs = self.features([prepared[i] for i in batch], padding="max_length", max_length=n * hop)
+        pieces = self._plan(n_codes, max_window_seconds, context_seconds)
+        piece_codes = [w.end - w.start for w in pieces]
+        stats = {w.item: None for w in pieces if w.end - w.start < n_codes[w.item]}
+        for i in stats:
+            stats[i] = windows.feature_stats(prepared[i], hop)
+
+        def piece_inputs(j: int, n: int) -> dict[str, np.ndarray]:
+            w, pad = pieces[j], self.features.padding_value
+            if w.item not in stats:
+                return self.features([prepared[w.item]], padding="max_length", max_length=n * hop)
+            return windows.window_inputs(prepared[w.item], w, hop, stats[w.item], n, pad)
+
+        for batch in progress_bar(list(self._batches(piece_codes, batch_size)), "encode", "batch", progress):
+            n = length_bucket(max(piece_codes[j] for j in batch))
+            parts = [piece_inputs(j, n) for j in batch]
+            inputs = {key: np.concatenate([p[key] for p in parts]) for key in parts[0]}
             inputs = _pad_batch(inputs, batch_bucket(len(batch), size))
             out = np.asarray(self._encode(self.params, inputs))
-            for row, i in enumerate(batch):
-                codes[i, : n_codes[i]] = out[row, : n_codes[i]]
+            for row, j in enumerate(batch):
+                w = pieces[j]
+                kept = out[row, w.keep_start - w.start : w.keep_end - w.start]
+                codes[w.item, w.keep_start : w.keep_end] = kept
         return EncodedAudio(codes=codes, lengths=np.asarray(n_codes, np.int32))
+
+    def _plan(
+        self, n_codes: Sequence[int], max_window_seconds: float | None, context_seconds: float, fade: int = 0
+    ) -> list[windows.Window]:
+        rate = SAMPLING_RATE / self.hop_length
+        window = windows.to_codes(max_window_seconds, "max_window_seconds", rate, minimum=1)
+        context = windows.to_codes(context_seconds, "context_seconds", rate)
+        hop = self.hop_length
+        return [w for i, n in enumerate(n_codes) for w in windows.plan(i, n, window, context, hop, fade)]
 
     def decode(
         self,
@@ -309,12 +343,18 @@ class Xcodec2Codec:
         *,
         batch_size: int | None = None,
         progress: bool = False,
+        max_window_seconds: float | None = windows.DEFAULT_MAX_WINDOW_SECONDS,
+        context_seconds: float = windows.DEFAULT_DECODE_CONTEXT_SECONDS,
+        crossfade_seconds: float = windows.DEFAULT_CROSSFADE_SECONDS,
     ) -> np.ndarray | list[np.ndarray]:
         """Codes -> 16 kHz float32 audio, 320 samples per code.
 
         ``codes``: (N,) or (B, N) integers in [0, 65536), an :class:`EncodedAudio`, or a list of 1-D
         arrays. Returns (B, N·320) for an array without ``lengths``; otherwise (``lengths`` given, an
         EncodedAudio, or a list) a list of per-item arrays of ``lengths[i]·320`` samples.
+        An item longer than ``max_window_seconds`` is decoded in overlapping windows with
+        ``context_seconds`` on each side of the part kept, neighbours blended over
+        ``crossfade_seconds`` (:mod:`xcodec2_jax.windows`); None decodes every item in one piece.
         """
         if isinstance(codes, EncodedAudio):
             codes, lengths = codes.codes, codes.lengths
@@ -349,19 +389,56 @@ class Xcodec2Codec:
         hop = self.hop_length
         size = batch_size or self.batch_size
         n_codes = [len(c) for c in items]
+        fade = windows.to_codes(crossfade_seconds, "crossfade_seconds", SAMPLING_RATE)
+        pieces = self._plan(n_codes, max_window_seconds, context_seconds, fade)
+        piece_codes = [w.end - w.start for w in pieces]
         out: list[np.ndarray | None] = [None] * len(items)
-        for batch in progress_bar(list(self._batches(n_codes, batch_size)), "decode", "batch", progress):
-            n = length_bucket(max(n_codes[i] for i in batch))
+        # Rows of equal length are written in place: stacking them at the end would copy all the audio.
+        stacked = None if as_list else np.zeros((len(items), n_codes[0] * hop), np.float32)
+        for batch in progress_bar(list(self._batches(piece_codes, batch_size)), "decode", "batch", progress):
+            n = length_bucket(max(piece_codes[j] for j in batch))
             rows = batch_bucket(len(batch), size)
             padded = np.zeros((rows, n), np.int32)
             mask = np.zeros((rows, n), np.int32)
-            for row, i in enumerate(batch):
-                padded[row, : n_codes[i]] = items[i]
-                mask[row, : n_codes[i]] = 1
+            for row, j in enumerate(batch):
+                w = pieces[j]
+                padded[row, : piece_codes[j]] = items[w.item][w.start : w.end]
+                mask[row, : piece_codes[j]] = 1
             audio = np.asarray(self._decode(self.params, padded, mask))
-            for row, i in enumerate(batch):
-                out[i] = audio[row, : n_codes[i] * hop]
-        return out if as_list else np.stack(out)
+            for row, j in enumerate(batch):
+                w = pieces[j]
+                if w.end - w.start == n_codes[w.item]:
+                    if stacked is None:
+                        out[w.item] = audio[row, : n_codes[w.item] * hop]
+                    else:
+                        stacked[w.item] = audio[row, : n_codes[w.item] * hop]
+                    continue
+                if out[w.item] is None:
+                    out[w.item] = (
+                        np.zeros(n_codes[w.item] * hop, np.float32) if stacked is None else stacked[w.item]
+                    )
+                windows.add_decoded(out[w.item], audio[row], w, hop)
+        return out if stacked is None else stacked
+
+    def decode_stream(
+        self,
+        *,
+        chunk: int | None = None,
+        lookahead: int | None = None,
+        context: int | None = None,
+        batch_size: int = 1,
+    ):
+        """A :class:`~xcodec2_jax.stream.DecodeStream`: push codes as they are generated, get the audio
+        that is final so far. Sizes are in codes (50 per second); None takes the measured defaults."""
+        from . import stream
+
+        return stream.DecodeStream(
+            self,
+            chunk=stream.DEFAULT_CHUNK if chunk is None else chunk,
+            lookahead=stream.DEFAULT_LOOKAHEAD if lookahead is None else lookahead,
+            context=stream.DEFAULT_CONTEXT if context is None else context,
+            batch_size=batch_size,
+        )
 
 
 def _pad_batch(inputs: dict[str, np.ndarray], rows: int) -> dict[str, np.ndarray]:
