@@ -296,3 +296,28 @@ def test_parquet_and_manifest_sources(small_ref, corpus, expected, tmp_path):
     (tmp_path / "dup.txt").write_text(f"{corpus / 'a.wav'}\n{corpus / 'a.wav'}\n")
     with pytest.raises(ValueError, match="given twice"):
         tokenize(tmp_path / "dup.txt", tmp_path / "x", model=small_ref.path, progress=False)
+
+
+def test_long_items_in_windows_equal_the_codec(small_ref, corpus, tmp_path):
+    """An item past max_window_seconds is encoded in windows that batch with other items, giving
+    exactly the codec's windowed encode of it; the window settings are part of the job."""
+    codec = Xcodec2Codec.from_pretrained(small_ref.path, batch_size=4)
+    long = np.concatenate(load_speech())[:88000]  # 5.5 s: three 2 s windows with 0.5 s of context
+    sf.write(corpus.parent / "long.wav", long, 16000, subtype="FLOAT")
+    src = tmp_path / "src"
+    src.mkdir()
+    shutil.copy(corpus.parent / "long.wav", src / "long.wav")
+    shutil.copy(corpus / "a.wav", src / "a.wav")
+    windows = {"max_window_seconds": 2.0, "context_seconds": 0.5}
+    out = tmp_path / "out"
+    result = tokenize([src], out, model=small_ref.path, batch_size=4, progress=False, **windows)
+    assert result["num_items"] == 2 and result["num_errors"] == 0
+    rows = read_output(out)
+    for name in ("long", "a"):
+        audio, _ = sf.read(src / f"{name}.wav", dtype="float32")
+        np.testing.assert_array_equal(rows[f"{name}.wav"], codec.encode(audio, 16000, **windows)[0])
+    assert len(rows["long.wav"]) == -(-(len(long) + 1) // 320)
+    # Windowed codes differ from a one-piece encode: the setting matters, so it is part of the job.
+    assert not np.array_equal(rows["long.wav"], codec.encode(long, 16000, max_window_seconds=None)[0])
+    with pytest.raises(ValueError, match="max_window_seconds"):
+        tokenize([src], out, model=small_ref.path, batch_size=4, progress=False, max_window_seconds=3.0)

@@ -175,22 +175,38 @@ class _Encoder:
             sink(key, codes[row, : p["num_codes"]])
 
 
-def _prepare(codec):
+def _prepare(codec, max_window_seconds, context_seconds):
+    from .. import windows
+
     hop = codec.hop_length
 
     def prepare(item: Item) -> dict:
         try:
             audio = read_item(item)
-            features = codec.features(audio, padding="longest")
+            n = math.ceil((len(audio) + 1) / hop)
+            # An item past max_window_seconds becomes overlapping windows, each a row of its own,
+            # exactly as Xcodec2Codec.encode plans and lays them out.
+            pieces = codec._plan([n], max_window_seconds, context_seconds)
+            if len(pieces) == 1:
+                features = codec.features(audio, padding="longest")
+                parts = [{"num_codes": n, "features": features, "keep": (0, n)}]
+            else:
+                stats = windows.feature_stats(audio, hop)
+                pad = codec.features.padding_value
+                parts = [
+                    {
+                        "num_codes": w.end - w.start,
+                        "features": windows.window_inputs(audio, w, hop, stats, w.end - w.start, pad),
+                        "keep": (w.keep_start - w.start, w.keep_end - w.start),
+                        "offset": w.keep_start,
+                    }
+                    for w in pieces
+                ]
         except ValueError as e:
             return {"error": str(e)}
         except Exception as e:  # an unforeseen decoder failure is still one bad item, not a dead job
             return {"error": f"{type(e).__name__}: {' '.join(str(e).split())}"}
-        return {
-            "num_samples": len(audio),
-            "num_codes": math.ceil((len(audio) + 1) / hop),
-            "features": features,
-        }
+        return {"num_samples": len(audio), "num_codes": n, "parts": parts}
 
     return prepare
 
@@ -213,6 +229,8 @@ def tokenize(
     cache_dir: str | None = None,
     compilation_cache: str | os.PathLike | bool | None = None,
     progress: bool = True,
+    max_window_seconds: float | None = None,
+    context_seconds: float | None = None,
 ) -> dict:
     """Tokenize a corpus into Parquet shards of codes under ``out``; see README "Tokenizing a corpus".
 
@@ -223,12 +241,19 @@ def tokenize(
     interrupted job. Returns the manifest (as written to ``out/manifest.json``) plus this process's
     ``run`` statistics. ValueError for unusable sources or an ``out`` made by a different job; bad
     items are not errors but go to ``out/errors.jsonl`` (``manifest["num_errors"]``).
+    ``max_window_seconds`` / ``context_seconds``: long items are encoded in overlapping windows, as by
+    ``Xcodec2Codec.encode`` (defaults: its defaults).
     """
     import jax
 
-    from .. import __version__
+    from .. import __version__, windows
     from ..codec import DEFAULT_MODEL_ID
     from .shards import ids_digest
+
+    if max_window_seconds is None:
+        max_window_seconds = windows.DEFAULT_MAX_WINDOW_SECONDS
+    if context_seconds is None:
+        context_seconds = windows.DEFAULT_ENCODE_CONTEXT_SECONDS
 
     if not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
@@ -245,6 +270,8 @@ def tokenize(
         "dtype": np.dtype(codec.dtype).name,
         "precision": None if precision is None else str(precision),
         "shard_size": shard_size,
+        "max_window_seconds": max_window_seconds,
+        "context_seconds": context_seconds,
         "num_listed": len(items),
         "ids_sha256": ids_digest([it.id for it in items]),
     }
@@ -262,7 +289,9 @@ def tokenize(
     workers = num_workers or max(2, min(16, os.cpu_count() or 2))
     window = WINDOW_BATCHES * batch_size
     todo = [items[i] for k in mine for i in plan.shards[k]]
-    stream = _prefetch_map(_prepare(codec), todo, workers, ahead=2 * window)
+    prepare = _prepare(codec, max_window_seconds, context_seconds)
+    codec._plan([1], max_window_seconds, context_seconds)  # bad window settings fail here, not per item
+    stream = _prefetch_map(prepare, todo, workers, ahead=2 * window)
     bar = None
     if progress and pid == 0 and todo:
         from tqdm.auto import tqdm
@@ -274,12 +303,13 @@ def tokenize(
         rows: dict[int, dict] = {}
         errors: list[dict] = []
 
-        def sink(index, codes, rows=rows):
-            rows[index]["codes"] = codes
+        def sink(key, codes, rows=rows):
+            index, offset, (lo, hi) = key
+            rows[index]["codes"][offset : offset + hi - lo] = codes[lo:hi]
 
         shard = plan.shards[k]
         for w in range(0, len(shard), window):
-            ready = []
+            ready, added = [], []
             for index in shard[w : w + window]:
                 t = time.perf_counter()
                 prepared = next(stream)
@@ -291,16 +321,19 @@ def tokenize(
                     continue
                 rows[index] = {
                     "id": items[index].id,
+                    "codes": np.zeros(prepared["num_codes"], np.int32),
                     "num_samples": prepared["num_samples"],
                     "duration": prepared["num_samples"] / codec.sampling_rate,
                 }
-                ready.append((index, prepared))
+                added.append(index)
+                for part in prepared["parts"]:
+                    ready.append(((index, part.get("offset", 0), part["keep"]), part))
             ready.sort(key=lambda p: -p[1]["num_codes"])
             for b in range(0, len(ready), batch_size):
                 encoder.submit(ready[b : b + batch_size], sink)
+            seconds = sum(rows[i]["duration"] for i in added)
+            stats["audio_seconds"] += seconds
             if bar is not None:
-                seconds = sum(rows[i]["duration"] for i, _ in ready)
-                stats["audio_seconds"] += seconds
                 elapsed = time.perf_counter() - start
                 bar.update(len(shard[w : w + window]))
                 bar.set_postfix(
@@ -308,8 +341,6 @@ def tokenize(
                     audio_s_per_s=f"{stats['audio_seconds'] / max(elapsed, 1e-9):.1f}",
                     refresh=False,
                 )
-            else:
-                stats["audio_seconds"] += sum(rows[i]["duration"] for i, _ in ready)
         encoder.collect(sink)
         write_shard(plan, k, [rows[i] for i in sorted(rows)], errors)
         stats["items"] += len(rows)

@@ -20,6 +20,15 @@ def add_tokenize_parser(sub, common, func) -> None:
     p.add_argument(
         "--num-workers", type=int, default=None, help="host threads reading audio (default: cores)"
     )
+    p.add_argument(
+        "--max-window-seconds",
+        type=float,
+        default=None,
+        help="longer items are encoded in overlapping windows of this length (default 30)",
+    )
+    p.add_argument(
+        "--context-seconds", type=float, default=None, help="context on each side of a window (default 2)"
+    )
     multi = p.add_argument_group("several hosts (jax.distributed)")
     multi.add_argument(
         "--distributed",
@@ -52,6 +61,8 @@ def run_tokenize(args) -> int:
         process_id=args.process_id,
         distributed=args.distributed,
         compilation_cache=False if args.no_cache else args.cache_dir,
+        max_window_seconds=args.max_window_seconds,
+        context_seconds=args.context_seconds,
     )
     if result["run"]["process_id"] == 0:
         print(summary_line(result, args.output), file=sys.stderr)
