@@ -220,6 +220,8 @@ class Xcodec2Codec:
             compiler_options = dict(CPU_COMPILER_OPTIONS) if cpu else {}
         self.compiler_options = dict(compiler_options)
         options = self.compiler_options or None
+        # The batch program unjitted, for callers that jit it with their own shardings (the tokenizer).
+        self._encode_fn = encode
         self._encode = cached_jit(encode, "encode", key, programs, options)
         self._decode = cached_jit(decode, "decode", key, programs, options)
 

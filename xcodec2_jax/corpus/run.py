@@ -95,7 +95,6 @@ class _Encoder:
         import jax
         from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-        from ..model import Xcodec2Model
 
         self.codec = codec
         self.devices = jax.local_devices()
@@ -109,15 +108,12 @@ class _Encoder:
                 NamedSharding(mesh, PartitionSpec()),
                 NamedSharding(mesh, PartitionSpec("data")),
             )
-            model = codec.model
-
-            def encode(params, inputs):
-                out = model.apply(
-                    {"params": params}, **inputs, isolate_items=True, method=Xcodec2Model.encode
-                )
-                return out.audio_codes[:, 0]
-
-            self.fn = jax.jit(encode, in_shardings=(replicated, rows), out_shardings=rows)
+            self.fn = jax.jit(
+                codec._encode_fn,
+                in_shardings=(replicated, rows),
+                out_shardings=rows,
+                compiler_options=codec.compiler_options or None,
+            )
             self.params = jax.device_put(codec.params, replicated)
         self.pending = None
         self.shapes: set[tuple[int, int]] = set()
