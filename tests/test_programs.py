@@ -90,3 +90,26 @@ def test_cache_off_keeps_nothing(small_ref, wav, tmp_path):
     out = _run(small_ref.path, wav, env, setting="off")
     assert out["cache_dir"] is None and out["traces"] == {"encode": 1, "decode": 1}
     assert not os.path.exists(tmp_path / "cache")
+
+
+@pytest.mark.parametrize("kept", [True, False])
+def test_heap_handed_back_after_compiling_a_program(tmp_path, monkeypatch, kept):
+    """A compilation of a cached_jit program (programs kept or not) is followed by malloc_trim;
+    calling a compiled one, and compiling a function that is not ours, are not."""
+    import jax
+    import jax.numpy as jnp
+
+    trims = []
+    monkeypatch.setattr(programs, "_malloc_trim", lambda: trims.append)
+    f = programs.cached_jit(
+        lambda x: jnp.sin(x) * 2, "test", "heap", str(tmp_path / "programs") if kept else None
+    )
+    x = np.arange(5, dtype=np.float32)
+    np.testing.assert_allclose(np.asarray(f(x)), np.sin(x) * 2, rtol=1e-6)
+    assert trims == [0]
+    f(x + 1)  # compiled already
+    assert trims == [0]
+    jax.jit(lambda x: jnp.cos(x) + 3)(x)  # someone else's compilation
+    assert trims == [0]
+    f(np.ones(7, np.float32))  # a new signature: compiled, trimmed
+    assert trims == [0, 0]

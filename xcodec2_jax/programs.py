@@ -12,6 +12,11 @@ dtype, precision, lowering), the argument tree with every shape and dtype, the p
 versions of JAX and of this library, and a digest of this library's source files, so an edited
 checkout never runs a stale program. A file that cannot be read back is replaced; a folder that
 cannot be written costs only the saving.
+
+Compiling the full model grows the heap by hundreds of MB that the allocator keeps after the
+compiler frees it; the process then runs the program with that heap and the weights' pages both
+resident. A compilation of one of these programs is therefore followed by ``malloc_trim`` (glibc;
+elsewhere nothing), which hands the freed heap back to the OS before the program first runs.
 """
 
 from __future__ import annotations
@@ -20,11 +25,15 @@ import functools
 import hashlib
 import os
 import tempfile
+import threading
 import warnings
 from collections.abc import Callable
 from typing import Any
 
 PROGRAMS_DIR = "xcodec2_jax_programs"
+# JAX's monitoring event recorded right after each backend compilation (or compilation cache load).
+_COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"
+_calling = threading.local()  # set while a cached_jit program is being called on this thread
 
 
 @functools.cache
@@ -68,23 +77,54 @@ def cached_jit(
     """
     import jax
 
+    _listen_for_compilations()
     jitted = jax.jit(fn, compiler_options=compiler_options)
-    if directory is None:
-        return jitted
     calls: dict[str, Callable] = {}
 
     def call(*args):
         signature = _signature(args)
         program = calls.get(signature)
         if program is None:
-            program = calls[signature] = _load_or_export(
-                jitted, name, key, directory, signature, args, compiler_options
+            program = calls[signature] = (
+                jitted
+                if directory is None
+                else _load_or_export(jitted, name, key, directory, signature, args, compiler_options)
             )
-        return program(*args)
+        _calling.active = True
+        try:
+            return program(*args)
+        finally:
+            _calling.active = False
 
     # As jax.jit's: how many executables the function holds, one per argument signature here.
-    call._cache_size = lambda: sum(program._cache_size() for program in calls.values())
+    call._cache_size = lambda: sum(program._cache_size() for program in set(calls.values()))
     return call
+
+
+@functools.cache
+def _malloc_trim() -> Callable[[int], int] | None:
+    """glibc's ``malloc_trim``, or None where the C library has none."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
+    except (OSError, AttributeError):
+        return None
+
+
+def _after_compile(event: str, duration: float, **kwargs) -> None:
+    if event == _COMPILE_EVENT and getattr(_calling, "active", False):
+        trim = _malloc_trim()
+        if trim is not None:
+            trim(0)
+
+
+@functools.cache
+def _listen_for_compilations() -> None:
+    import jax
+
+    jax.monitoring.register_event_duration_secs_listener(_after_compile)
 
 
 def _load_or_export(jitted, name, key, directory, signature, args, compiler_options) -> Callable:
