@@ -311,23 +311,55 @@ class Xcodec2Codec:
         for i in stats:
             stats[i] = windows.feature_stats(prepared[i], hop)
 
-        def piece_inputs(j: int, n: int) -> dict[str, np.ndarray]:
-            w, pad = pieces[j], self.features.padding_value
-            if w.item not in stats:
-                return self.features([prepared[w.item]], padding="max_length", max_length=n * hop)
-            return windows.window_inputs(prepared[w.item], w, hop, stats[w.item], n, pad)
-
         for batch in progress_bar(list(self._batches(piece_codes, batch_size)), "encode", "batch", progress):
             n = length_bucket(max(piece_codes[j] for j in batch))
-            parts = [piece_inputs(j, n) for j in batch]
-            inputs = {key: np.concatenate([p[key] for p in parts]) for key in parts[0]}
-            inputs = _pad_batch(inputs, batch_bucket(len(batch), size))
+            parts = [
+                self._piece_inputs(prepared[pieces[j].item], pieces[j], stats.get(pieces[j].item))
+                for j in batch
+            ]
+            inputs = self._batch_inputs(parts, n, batch_bucket(len(batch), size))
             out = np.asarray(self._encode(self.params, inputs))
             for row, j in enumerate(batch):
                 w = pieces[j]
                 kept = out[row, w.keep_start - w.start : w.keep_end - w.start]
                 codes[w.item, w.keep_start : w.keep_end] = kept
         return EncodedAudio(codes=codes, lengths=np.asarray(n_codes, np.int32))
+
+    def _piece_inputs(
+        self, audio: np.ndarray, w: windows.Window, stats: tuple | None
+    ) -> dict[str, np.ndarray]:
+        """The model inputs (a batch of one) of piece ``w`` of ``audio``: the whole item through the
+        feature extractor, or, with the whole item's feature ``stats`` (``windows.feature_stats``), one
+        window of it. ``_batch_inputs`` pads pieces into a batch."""
+        hop, n = self.hop_length, w.end - w.start
+        if stats is None:
+            return self.features([audio], padding="max_length", max_length=n * hop)
+        return windows.window_inputs(audio, w, hop, stats, n, self.features.padding_value)
+
+    def _batch_inputs(self, parts: Sequence[dict], n: int, rows: int) -> dict[str, np.ndarray]:
+        """Items' model inputs (each a batch of one, of at most ``n`` codes) as one batch of ``rows``
+        items of ``n`` codes: each padded as the feature extractor pads (audio and masks 0, features
+        at its padding value), then all-padding items appended."""
+        samples, fill = n * self.hop_length, self.features.padding_value
+        inputs = {}
+        # (key, time axis, padded length, fill)
+        for key, axis, width, value in (
+            ("input_values", 2, samples, 0),
+            ("padding_mask", 1, samples, 0),
+            ("input_features", 1, n, fill),
+            ("input_features_mask", 1, n, 0),
+        ):
+            padded = []
+            for part in parts:
+                a = part[key]
+                pad = [(0, 0)] * a.ndim
+                pad[axis] = (0, width - a.shape[axis])
+                padded.append(np.pad(a, pad, constant_values=value) if pad[axis][1] else a)
+            if rows > len(parts):
+                a = padded[0]
+                padded.append(np.full((rows - len(parts), *a.shape[1:]), value, a.dtype))
+            inputs[key] = np.concatenate(padded)
+        return inputs
 
     def _plan(
         self, n_codes: Sequence[int], max_window_seconds: float | None, context_seconds: float, fade: int = 0
@@ -441,19 +473,6 @@ class Xcodec2Codec:
             context=stream.DEFAULT_CONTEXT if context is None else context,
             batch_size=batch_size,
         )
-
-
-def _pad_batch(inputs: dict[str, np.ndarray], rows: int) -> dict[str, np.ndarray]:
-    """Append all-padding items (zero audio, masks 0, features at the padding value) up to ``rows``."""
-    b = inputs["input_values"].shape[0]
-    if b == rows:
-        return inputs
-    out = {}
-    for key, value in inputs.items():
-        fill = 1.0 if key == "input_features" else 0
-        extra = np.full((rows - b, *value.shape[1:]), fill, value.dtype)
-        out[key] = np.concatenate([value, extra])
-    return out
 
 
 def progress_bar(items: list, desc: str, unit: str, enabled: bool = True):

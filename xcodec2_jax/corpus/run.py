@@ -95,7 +95,6 @@ class _Encoder:
         import jax
         from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-
         self.codec = codec
         self.devices = jax.local_devices()
         self.batch_size = batch_size
@@ -128,25 +127,10 @@ class _Encoder:
 
     def submit(self, batch: list[tuple[Any, dict]], sink) -> None:
         """Dispatch ``batch`` ((key, prepared) pairs) and collect the previous batch into ``sink``."""
-        from ..codec import _pad_batch, length_bucket
+        from ..codec import length_bucket
 
-        hop = self.codec.hop_length
         n = length_bucket(max(p["num_codes"] for _, p in batch))
-        inputs = {}
-        for key, axis, width, fill in (
-            ("input_values", -1, n * hop, 0),
-            ("padding_mask", -1, n * hop, 0),
-            ("input_features", 1, n, 1.0),  # the extractor's padding value
-            ("input_features_mask", -1, n, 0),
-        ):
-            parts = []
-            for _, p in batch:
-                a = p["features"][key]
-                pad = [(0, 0)] * a.ndim
-                pad[axis] = (0, width - a.shape[axis])
-                parts.append(np.pad(a, pad, constant_values=fill))
-            inputs[key] = np.concatenate(parts)
-        inputs = _pad_batch(inputs, self.rows(len(batch)))
+        inputs = self.codec._batch_inputs([p["features"] for _, p in batch], n, self.rows(len(batch)))
         shape = (inputs["input_values"].shape[0], n)
         start = time.perf_counter()
         out = self.fn(self.params, inputs)
@@ -183,21 +167,16 @@ def _prepare(codec, max_window_seconds, context_seconds):
             # An item past max_window_seconds becomes overlapping windows, each a row of its own,
             # exactly as Xcodec2Codec.encode plans and lays them out.
             pieces = codec._plan([n], max_window_seconds, context_seconds)
-            if len(pieces) == 1:
-                features = codec.features(audio, padding="longest")
-                parts = [{"num_codes": n, "features": features, "keep": (0, n)}]
-            else:
-                stats = windows.feature_stats(audio, hop)
-                pad = codec.features.padding_value
-                parts = [
-                    {
-                        "num_codes": w.end - w.start,
-                        "features": windows.window_inputs(audio, w, hop, stats, w.end - w.start, pad),
-                        "keep": (w.keep_start - w.start, w.keep_end - w.start),
-                        "offset": w.keep_start,
-                    }
-                    for w in pieces
-                ]
+            stats = None if len(pieces) == 1 else windows.feature_stats(audio, hop)
+            parts = [
+                {
+                    "num_codes": w.end - w.start,
+                    "features": codec._piece_inputs(audio, w, stats),
+                    "keep": (w.keep_start - w.start, w.keep_end - w.start),
+                    "offset": w.keep_start,
+                }
+                for w in pieces
+            ]
         except ValueError as e:
             return {"error": str(e)}
         except Exception as e:  # an unforeseen decoder failure is still one bad item, not a dead job
