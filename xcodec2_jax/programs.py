@@ -15,8 +15,9 @@ cannot be written costs only the saving.
 
 Compiling the full model grows the heap by hundreds of MB that the allocator keeps after the
 compiler frees it; the process then runs the program with that heap and the weights' pages both
-resident. A compilation of one of these programs is therefore followed by ``malloc_trim`` (glibc;
-elsewhere nothing), which hands the freed heap back to the OS before the program first runs.
+resident. A compilation of one of these programs (or its load from the compilation cache) is
+therefore followed by ``malloc_trim`` (glibc; elsewhere nothing), which hands the freed heap back
+to the OS before the program first runs.
 """
 
 from __future__ import annotations
@@ -68,7 +69,8 @@ def cached_jit(
     fn: Callable, name: str, key: Any, directory: str | None, compiler_options: dict | None = None
 ) -> Callable:
     """``jax.jit(fn, compiler_options=...)``, whose traced programs are kept in ``directory`` (None:
-    plain ``jax.jit``).
+    none kept). Each compilation (or load from the compilation cache) of one of its programs is
+    followed by ``malloc_trim`` (see the module's docstring).
 
     ``key`` must name everything ``fn`` closes over that changes its program (config, dtype...);
     its ``repr`` goes into the file name's digest. Only positional array arguments are supported.
