@@ -241,11 +241,12 @@ def test_rejects_channels_first_input(small_pair):
 
 @pytest.mark.parametrize("width", [7, 40, 200])
 def test_anti_aliased_lengths_equal_items_alone(width):
-    # Windows shorter and longer than the tail window that is recomputed at each item's end, and
-    # items ending anywhere from the first frames to the last.
+    # Signals shorter and longer than the re-padding threshold (_TAIL_WINDOW frames), and items of
+    # every length from 1 frame to the whole signal (200: the first and last 40 and some between):
+    # the frames next to each end, where the item's padding differs from the batch's, are rewritten.
     rng = np.random.default_rng(width)
-    x = rng.standard_normal((4, width, 5)).astype(np.float32)
-    lengths = [width, max(1, width // 2 + 3), max(1, width - 1), 1]
+    lengths = [n for n in range(1, width + 1) if n <= 40 or n > width - 40 or n % 17 == 0]
+    x = rng.standard_normal((len(lengths), width, 5)).astype(np.float32)
     freq, inv_mag = act.snake_scales(rng.uniform(-0.5, 0.5, 5), rng.uniform(-0.5, 0.5, 5))
 
     def snake(u):

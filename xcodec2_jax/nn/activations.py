@@ -265,15 +265,9 @@ def anti_aliased(
     taps = _downsample_taps(ratio, kernel_size)
     lo, hi = _span(taps)
     if lengths is not None and x.shape[1] > _TAIL_WINDOW:
-        up_lo, up_hi = _span(_upsample_taps(ratio, kernel_size))
-        plain = anti_aliased(x, act, ratio, kernel_size)
-        return _exact_tails(
-            x,
-            plain,
-            lengths,
-            lambda window, n: anti_aliased(window, act, ratio, kernel_size, n, short=True),
-            reach=(up_lo + lo, up_hi + hi),
-        )
+        phases = _upsample_phases(x, ratio, kernel_size, act, extend=(-lo, hi))
+        phases = _exact_ends(x, phases, lengths, ratio, kernel_size, act, (lo, hi))
+        return _slice_sum(list(zip(phases, taps, strict=True)), -lo, x.shape[1])
     if lengths is not None:
         x = hold_last(x, lengths)
     phases = _upsample_phases(x, ratio, kernel_size, act, extend=(-lo, hi), short=short)
@@ -286,37 +280,68 @@ def anti_aliased(
     return _slice_sum(list(zip(phases, taps, strict=True)), -lo, x.shape[1])
 
 
-# Frames of the window that `_exact_tails` recomputes at each item's end: at least the filters'
-# reach on both sides (12 frames for the kernel-12 resamplers), rounded up for vector widths.
+# Below this many frames `lengths` re-pads the whole (short) signal per item instead (`hold_last`).
 _TAIL_WINDOW = 32
 
 
-def _exact_tails(
+def _exact_ends(
     x: Array,
-    plain: Array,
+    phases: list[Array],
     lengths: Array,
-    exact: Callable[[Array, Array], Array],
-    reach: tuple[int, int],
-) -> Array:
-    """``plain`` (the function of x without lengths) with each item's last frames made exact.
+    ratio: int,
+    kernel_size: int,
+    act: Callable[[Array], Array],
+    down_span: tuple[int, int],
+) -> list[Array]:
+    """The upsampled phases of x, extended by the downsampler's reach (``down_span`` = (lo, hi): frame
+    f at index f - lo), with the frames around each item's end made those of x[b, :lengths[b]] alone.
 
-    An output frame j of a local filter reads x[j + reach[0] : j + reach[1] + 1]; where that lies
-    inside the item (j + reach[1] < lengths[b]) the plain result already is the item's own. The
-    other frames, the last reach[1] before the end, are taken from ``exact(window, n)``: the
-    per-item computation on the `_TAIL_WINDOW` frames ending at the item's end (n valid frames in
-    each window). A window that does not start at frame 0 has an artificial left edge, so its
-    first -reach[0] frames are not used.
+    Only the frames within the upsampler's reach of the end (f >= e - reach) differ from the plain
+    phases; the downsampler then reads up to ``hi`` frames past the end, where the item alone has its
+    last upsampled sample repeated (the replicate pad). Both come from the upsampler run on the
+    item's last frames (a short window read with the item's own replicate padding), written over
+    the plain phases at each item's end: the plain phases, the downsampler and this window are
+    one graph, and exact padding adds a few small operations per activation, not a second path.
+    For an item shorter than the upsampler's reach the left extension (the replicate pad of the
+    first upsampled sample) is rewritten too.
     """
-    width = _TAIL_WINDOW
-    lengths = jnp.asarray(lengths, jnp.int32)
-    start = jnp.clip(lengths - width, 0, x.shape[1] - width)
-    take = jax.vmap(lambda v, s: lax.dynamic_slice_in_dim(v, s, width, axis=0))
-    fixed = exact(take(x, start), lengths - start)
-    rows = lax.broadcasted_iota(jnp.int32, (1, width, 1), 1)
-    first_exact = jnp.where(start > 0, -reach[0], 0)[:, None, None]
-    window = jnp.where(rows >= first_exact, fixed.astype(plain.dtype), take(plain, start))
-    put = jax.vmap(lambda v, w, s: lax.dynamic_update_slice_in_dim(v, w, s, axis=0))
-    return put(plain, window, start)
+    up_lo, up_hi = _span(_upsample_taps(ratio, kernel_size))
+    d_lo, d_hi = down_span
+    # Phase frames rewritten: [end - up_hi, end + d_hi) needs changing; an item shorter than up_hi
+    # also needs its left extension [d_lo, 0), so a fixed block of `rows` ends at end + d_hi (or
+    # starts at d_lo). The x window ending at the end is wide enough for the block's first frame to
+    # see none of the window's own (artificial) left edge.
+    rows = up_hi + d_hi - d_lo
+    width = up_hi - up_lo - d_lo
+    end = jnp.maximum(jnp.asarray(lengths, jnp.int32), 1)[:, None]  # (B, 1); empty items: unspecified
+    # x[b] on frames [end - width, end), reading x[0] before 0 and x[end - 1] past the end.
+    frames = jnp.clip(end - width + jnp.arange(width)[None, :], 0, end - 1)
+    window = jnp.take_along_axis(x, frames[:, :, None], axis=1)
+    # Its upsampled phases (window index = frame - end + width), side by side.
+    n_phases = len(phases)
+    pre = jnp.concatenate(_upsample_phases(window, ratio, kernel_size, short=True), axis=1)
+    start = jnp.where(end > up_hi, end + d_hi - rows, d_lo)  # the block's first frame
+    f = jnp.tile(start + jnp.arange(rows)[None, :], (1, n_phases))  # (B, phases · rows)
+    phase = jnp.repeat(jnp.arange(n_phases), rows)[None, :]
+    # Past the end: the last phase's last sample; before 0 (short items): phase 0 at frame 0.
+    source = jnp.where(
+        f >= end,
+        n_phases * width - 1,
+        jnp.where(
+            f < 0,
+            jnp.clip(width - end, 0, width - 1),
+            phase * width + jnp.clip(f - end + width, 0, width - 1),
+        ),
+    )
+    # The activation on the window's phases, then one gather: the activation is not fused into
+    # (and repeated in) each phase's update below.
+    block = jnp.take_along_axis(act(pre), source[:, :, None], axis=1)
+    put = jax.vmap(lambda v, w, i: lax.dynamic_update_slice_in_dim(v, w, i, axis=0))
+    at = start[:, 0] - d_lo
+    return [
+        put(plain, block[:, k * rows : (k + 1) * rows].astype(plain.dtype), at)
+        for k, plain in enumerate(phases)
+    ]
 
 
 class SnakeBeta(nn.Module):
