@@ -19,7 +19,6 @@ import math
 from collections.abc import Callable, Sequence
 
 import flax.linen as nn
-import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
@@ -29,6 +28,9 @@ Taps = Sequence[tuple[int, float]]  # (offset, coefficient) pairs
 
 # SnakeBeta's guard against division by zero in 1 / beta, as in the reference.
 _NO_DIV_BY_ZERO = 1e-9
+# Gathers whose indices are clipped in range already: JAX's default mode adds a bounds mask and a
+# negative-index wrap to each, which XLA repeats inside every fusion that reads the indices.
+_IN_BOUNDS = "promise_in_bounds"
 
 
 def kaiser_sinc_filter1d(cutoff: float, half_width: float, kernel_size: int) -> np.ndarray:
@@ -236,7 +238,7 @@ def hold_last(x: Array, lengths: Array) -> Array:
     """
     rows = lax.broadcasted_iota(jnp.int32, (1, x.shape[1], 1), 1)
     end = jnp.asarray(lengths, jnp.int32)[:, None, None]
-    last = jnp.take_along_axis(x, jnp.clip(end - 1, 0, x.shape[1] - 1), axis=1)
+    last = jnp.take_along_axis(x, jnp.clip(end - 1, 0, x.shape[1] - 1), axis=1, mode=_IN_BOUNDS)
     return jnp.where(rows < end, x, last)
 
 
@@ -277,12 +279,12 @@ def anti_aliased(
         # The item's upsampled signal ends with the last phase's frame lengths - 1.
         rows = lax.broadcasted_iota(jnp.int32, (1, phases[0].shape[1], 1), 1)
         end = (jnp.asarray(lengths, jnp.int32) - lo)[:, None, None]
-        last = jnp.take_along_axis(phases[-1], end - 1, axis=1)
+        last = jnp.take_along_axis(phases[-1], end - 1, axis=1, mode=_IN_BOUNDS)
         phases = [jnp.where(rows < end, p, last) for p in phases]
     return _slice_sum(list(zip(phases, taps, strict=True)), -lo, x.shape[1])
 
 
-# Below this many frames `lengths` re-pads the whole (short) signal per item instead (`hold_last`).
+# At or below this many frames `lengths` re-pads the whole (short) signal per item instead (`hold_last`).
 _TAIL_WINDOW = 32
 
 
@@ -315,10 +317,11 @@ def _exact_ends(
     # see none of the window's own (artificial) left edge.
     rows = up_hi + d_hi - d_lo
     width = up_hi - up_lo - d_lo
-    end = jnp.maximum(jnp.asarray(lengths, jnp.int32), 1)[:, None]  # (B, 1); empty items: unspecified
+    # (B, 1); empty items: unspecified
+    end = jnp.clip(jnp.asarray(lengths, jnp.int32), 1, x.shape[1])[:, None]
     # x[b] on frames [end - width, end), reading x[0] before 0 and x[end - 1] past the end.
     frames = jnp.clip(end - width + jnp.arange(width)[None, :], 0, end - 1)
-    window = jnp.take_along_axis(x, frames[:, :, None], axis=1)
+    window = jnp.take_along_axis(x, frames[:, :, None], axis=1, mode=_IN_BOUNDS)
     # Its upsampled phases (window index = frame - end + width), side by side.
     n_phases = len(phases)
     pre = jnp.concatenate(_upsample_phases(window, ratio, kernel_size, short=True), axis=1)
@@ -337,13 +340,17 @@ def _exact_ends(
     )
     # The activation on the window's phases, then one gather: the activation is not fused into
     # (and repeated in) each phase's update below.
-    block = jnp.take_along_axis(act(pre), source[:, :, None], axis=1)
-    put = jax.vmap(lambda v, w, i: lax.dynamic_update_slice_in_dim(v, w, i, axis=0))
+    block = jnp.take_along_axis(act(pre), source[:, :, None], axis=1, mode=_IN_BOUNDS)
     at = start[:, 0] - d_lo
-    return [
-        put(plain, block[:, k * rows : (k + 1) * rows].astype(plain.dtype), at)
-        for k, plain in enumerate(phases)
-    ]
+
+    def put(plain: Array, patch: Array) -> Array:
+        # Item b's patch at frame at[b], one update per item: a batched update (vmap) is a scatter,
+        # which XLA:CPU compiles to a far larger loop.
+        for b in range(plain.shape[0]):
+            plain = lax.dynamic_update_slice(plain, patch[b : b + 1].astype(plain.dtype), (b, at[b], 0))
+        return plain
+
+    return [put(plain, block[:, k * rows : (k + 1) * rows]) for k, plain in enumerate(phases)]
 
 
 class SnakeBeta(nn.Module):
