@@ -178,3 +178,44 @@ def test_cpu_compiler_options_by_default_and_overridable(codec, small_ref):
             compilation_cache=False,
             compiler_options={"no_such_xla_option": True},
         ).decode(np.zeros(8, np.int32))
+
+
+def test_programs_compiled_while_loading(codec, small_ref, tmp_path):
+    """from_pretrained(encode_lengths=...) compiles the encode programs while the checkpoint loads:
+    encode of audio of those lengths then compiles nothing, and gives the same codes. A later load
+    maps the prepared checkpoint; precompile_encode also works after loading."""
+    import jax
+
+    from xcodec2_jax import programs
+
+    rng = np.random.default_rng(3)
+    audio = [(0.1 * rng.standard_normal(n)).astype(np.float32) for n in (5000, 3100, 900)]
+    compiled = []
+
+    def record(event, duration, **kwargs):
+        if event == programs._COMPILE_EVENT:
+            compiled.append(event)
+
+    jax.monitoring.register_event_duration_secs_listener(record)
+    ahead = Xcodec2Codec.from_pretrained(
+        small_ref.path,
+        batch_size=2,
+        compilation_cache=str(tmp_path / "cache"),
+        encode_lengths=[len(a) for a in audio],
+    )
+    assert len(compiled) >= 2  # two batches of different shapes: two programs
+    before = len(compiled)
+    codes = ahead.encode(audio, 16000)
+    assert len(compiled) == before  # nothing compiled by encode
+    expected = codec.encode(audio, 16000)
+    for got, want in zip(codes, expected, strict=True):
+        np.testing.assert_array_equal(got, want)
+    mapped = Xcodec2Codec.from_pretrained(
+        small_ref.path, batch_size=2, compilation_cache=str(tmp_path / "cache")
+    )
+    leaf = jax.tree.leaves(mapped.params)[0]
+    assert isinstance(leaf, jax.Array)
+    assert mapped.precompile_encode([len(a) for a in audio]) == 2
+    before = len(compiled)
+    np.testing.assert_array_equal(mapped.encode(audio, 16000).codes, codes.codes)
+    assert len(compiled) == before

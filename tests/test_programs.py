@@ -113,3 +113,72 @@ def test_heap_handed_back_after_compiling_a_program(tmp_path, monkeypatch, kept)
     assert trims == [0]
     f(np.ones(7, np.float32))  # a new signature: compiled, trimmed
     assert trims == [0, 0]
+
+
+def _compilations() -> list:
+    """Backend compilations (and compilation-cache loads) recorded from now on, by JAX's own event
+    (the listener stays registered: it only appends to this list)."""
+    import jax
+
+    seen = []
+
+    def record(event, duration, **kwargs):
+        if event == programs._COMPILE_EVENT:
+            seen.append(duration)
+
+    jax.monitoring.register_event_duration_secs_listener(record)
+    return seen
+
+
+@pytest.mark.parametrize("kept", [True, False])
+def test_precompiled_program_runs_without_compiling(tmp_path, monkeypatch, kept):
+    """precompile (here on another thread, as from_pretrained does it) compiles the program for the
+    specs; the first call with such arguments then compiles nothing and gives the jitted result."""
+    import threading
+
+    import jax
+    import jax.numpy as jnp
+
+    trims = []
+    monkeypatch.setattr(programs, "_malloc_trim", lambda: trims.append)
+    w, b = np.eye(4, dtype=np.float32) * 2, np.ones(4, np.float32)
+    params = {"w": jax.device_put(w), "b": jax.device_put(b)}
+    fn = lambda p, x: jnp.tanh(x @ p["w"]) + p["b"]  # noqa: E731
+    f = programs.cached_jit(fn, "test", f"ahead-{kept}", str(tmp_path / "programs") if kept else None)
+    seen = _compilations()
+    x = np.arange(12, dtype=np.float32).reshape(3, 4) / 10
+    specs = (
+        jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding), params),
+        jax.ShapeDtypeStruct(x.shape, x.dtype),
+    )
+    worker = threading.Thread(target=f.precompile, args=specs)
+    worker.start()
+    worker.join(timeout=120)
+    assert not worker.is_alive()
+    assert len(seen) == 1 and trims == [0]  # compiled on that thread, and trimmed there
+    out = np.asarray(f(params, x))
+    assert len(seen) == 1  # the call compiled nothing
+    np.testing.assert_allclose(out, np.asarray(jax.jit(fn)(params, x)), rtol=1e-6)
+    assert len(seen) == 2  # (the reference jit compiles: the counter works)
+    f.precompile(*specs)  # already there: nothing to do
+    assert len(seen) == 2 and f._cache_size() == 1
+
+
+def test_precompiled_program_falls_back_when_placed_elsewhere(tmp_path):
+    """Arguments on another device than the specs said: the jitted program runs instead."""
+    code = r"""
+import json, sys
+import numpy as np, jax, jax.numpy as jnp
+from xcodec2_jax import programs
+f = programs.cached_jit(lambda x: x * 3 + 1, "test", "elsewhere", sys.argv[1])
+d0, d1 = jax.devices()[:2]
+spec = jax.ShapeDtypeStruct((4,), jnp.float32, sharding=jax.sharding.SingleDeviceSharding(d1))
+f.precompile(spec)
+x = jax.device_put(np.arange(4, dtype=np.float32), d0)
+out = f(x)
+print("RESULT " + json.dumps({"out": np.asarray(out).tolist(), "again": np.asarray(f(x)).tolist()}))
+"""
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu")
+    env["PYTHONPATH"] = REPO
+    result = run_python(code, [str(tmp_path / "programs")], env, "RESULT ", TIMEOUT_S)
+    assert result["out"] == result["again"] == [1.0, 4.0, 7.0, 10.0]

@@ -91,7 +91,7 @@ class ModelLoadError(Exception):
     """The model could not be loaded: nothing else can run."""
 
 
-def _load_codec(args):
+def _load_codec(args, encode_lengths=None):
     import jax.numpy as jnp
 
     from .codec import Xcodec2Codec
@@ -104,6 +104,7 @@ def _load_codec(args):
             precision=args.precision,
             batch_size=args.batch_size,
             compilation_cache=False if args.no_cache else args.cache_dir,
+            encode_lengths=encode_lengths,
         )
     except (OSError, ValueError) as e:
         raise ModelLoadError(str(e)) from e
@@ -115,14 +116,25 @@ def cmd_encode(args, run: _Run) -> None:
     jobs = _jobs(args, run, AUDIO_SUFFIXES, ".npy")
     if not jobs:
         return
-    codec = _load_codec(args)
+    # The first batch is read before the model loads, so that its programs compile meanwhile (a bad
+    # file is skipped here and reported when read again below).
+    first = {}
+    for path, _ in jobs[: args.batch_size]:
+        try:
+            first[path] = read_audio(path)
+        except ValueError:
+            pass
+    codec = _load_codec(args, encode_lengths=[len(a) for a in first.values()])
+
+    def read(path):
+        return first.pop(path) if path in first else read_audio(path)
 
     def flush(group):
         encoded = codec.encode([audio for _, audio in group], codec.sampling_rate)
         for (target, _), codes in zip(group, encoded, strict=True):
             np.save(target, codes.astype(np.int32))
 
-    _in_groups(jobs, "encode", read_audio, flush, args.batch_size, run)
+    _in_groups(jobs, "encode", read, flush, args.batch_size, run)
 
 
 def _read_codes(path: str, codebook_size: int) -> np.ndarray:

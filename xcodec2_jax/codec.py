@@ -21,7 +21,7 @@ import numpy as np
 
 from . import windows
 from .cache import enable_compilation_cache
-from .checkpoint import load_checkpoint
+from .checkpoint import load_checkpoint, load_prepared
 from .checkpoint.prepared import params_dir
 from .config import Xcodec2Config
 from .features import Xcodec2FeatureExtractor
@@ -238,13 +238,22 @@ class Xcodec2Codec:
         compilation_cache: str | os.PathLike | bool | None = None,
         compiler_options: dict | None = None,
         device: jax.Device | None = None,
+        encode_lengths: Sequence[int] | None = None,
     ) -> Xcodec2Codec:
         """Load a checkpoint directory (transformers or original format, ``config.json`` + safetensors)
         or download a Hugging Face Hub repo (needs the ``hub`` extra). ``cache_dir`` is the Hub's
         download folder; ``compilation_cache`` JAX's (see ``__init__``); the checkpoint prepared in the
         model's layout is kept in its subfolder ``xcodec2_jax_params`` (see
         :mod:`xcodec2_jax.checkpoint.prepared`), so that a later load only maps it. ``device``: where
-        the weights go (default: this process's first device)."""
+        the weights go (default: this process's first device).
+
+        ``encode_lengths``: sample counts (at 16 kHz) of audio about to be encoded in one ``encode``
+        call with the default batching and windows: the programs it will need are compiled (or
+        loaded from the compilation cache) on another thread while the checkpoint loads, as
+        :meth:`precompile_encode` would do after it. A failure there is a warning: ``encode`` then
+        compiles as usual."""
+        from .checkpoint import config_for
+
         path = _resolve_checkpoint(os.fspath(path_or_repo_id), revision, cache_dir)
         # On before loading: the loader may compile too.
         cache = enable_compilation_cache(compilation_cache)
@@ -252,16 +261,74 @@ class Xcodec2Codec:
         # with it): a later load maps it, and XLA's CPU client adopts the mapped pages as they are.
         # jax.local_devices: on a multi-host job, jax.devices()[0] belongs to process 0.
         device = jax.local_devices()[0] if device is None else device
-        config, params = load_checkpoint(path, device=device, params_cache=params_dir(cache))
-        return cls(
+        config = config_for(path)  # the files' headers only
+        codec = cls(
             config,
-            params,
+            None,
             dtype=dtype,
             precision=precision,
             batch_size=batch_size,
             compilation_cache=compilation_cache,
             compiler_options=compiler_options,
         )
+        directory = params_dir(cache)
+        ready = None
+        if directory is not None:
+            ready = load_prepared(path, config, device=device, params_cache=directory)
+        if ready is not None:  # mapped in milliseconds: encode's first call finds its programs cached
+            codec.params = ready[1]
+            return codec
+        worker = None
+        if encode_lengths:
+            worker = _Background(codec.precompile_encode, list(encode_lengths), device=device)
+        try:
+            _, codec.params = load_checkpoint(path, config, device=device, params_cache=directory)
+        finally:
+            if worker is not None:
+                worker.join()
+        return codec
+
+    def precompile_encode(
+        self,
+        lengths: Sequence[int],
+        *,
+        batch_size: int | None = None,
+        max_window_seconds: float | None = windows.DEFAULT_MAX_WINDOW_SECONDS,
+        context_seconds: float = windows.DEFAULT_ENCODE_CONTEXT_SECONDS,
+        device: jax.Device | None = None,
+    ) -> int:
+        """Compile (or load from the compilation cache) the programs that ``encode`` of audio with
+        these sample counts (at 16 kHz), called with these options, will run: its first batches then
+        compile nothing. Returns how many programs that is. The weights need not be loaded yet
+        (``device``: where they will be; default: where they are, or this process's first device)."""
+        from .model import abstract_params
+
+        if self.params is not None:
+            params = jax.tree.map(
+                lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), self.params
+            )
+        else:
+            where = jax.sharding.SingleDeviceSharding(device or jax.local_devices()[0])
+            params = jax.tree.map(
+                lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=where), abstract_params(self.config)
+            )
+        hop = self.hop_length
+        n_codes = [math.ceil((int(n) + 1) / hop) for n in lengths]
+        pieces = self._plan(n_codes, max_window_seconds, context_seconds)
+        piece_codes = [w.end - w.start for w in pieces]
+        size = batch_size or self.batch_size
+        shapes = {
+            (batch_bucket(len(batch), size), length_bucket(max(piece_codes[j] for j in batch)))
+            for batch in self._batches(piece_codes, batch_size)
+        }
+        for rows, n in sorted(shapes):
+            # The inputs of a batch as encode builds them (shapes and dtypes), from silence.
+            silence = np.zeros(n * hop - 1, np.float32)  # n codes
+            part = self.features([silence], padding="max_length", max_length=n * hop)
+            inputs = self._batch_inputs([part], n, rows)
+            specs = {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in inputs.items()}
+            self._encode.precompile(params, specs)
+        return len(shapes)
 
     @property
     def sampling_rate(self) -> int:
@@ -473,6 +540,35 @@ class Xcodec2Codec:
             context=stream.DEFAULT_CONTEXT if context is None else context,
             batch_size=batch_size,
         )
+
+
+class _Background:
+    """``fn(*args, **kwargs)`` on a daemon thread; ``join`` waits and turns its error into a warning."""
+
+    def __init__(self, fn, *args, **kwargs):
+        import threading
+
+        self.error: BaseException | None = None
+
+        def run():
+            try:
+                fn(*args, **kwargs)
+            except Exception as e:  # reported by join; the caller's path works without it
+                self.error = e
+
+        self.thread = threading.Thread(target=run, name=f"xcodec2_jax {fn.__name__}", daemon=True)
+        self.thread.start()
+
+    def join(self) -> None:
+        self.thread.join()
+        if self.error is not None:
+            import warnings
+
+            warnings.warn(
+                f"compiling ahead failed ({type(self.error).__name__}: {self.error}); "
+                "encode compiles when first called",
+                stacklevel=3,
+            )
 
 
 def progress_bar(items: list, desc: str, unit: str, enabled: bool = True):

@@ -8,6 +8,7 @@ Inside, everything is channels-last; the public methods take and return the tran
 from __future__ import annotations
 
 import functools
+import threading
 from collections.abc import Mapping
 from typing import Any
 
@@ -320,12 +321,21 @@ def checkpoint_shapes(config: Xcodec2Config) -> dict:
     return unstack_layers(abstract_params(config), config)
 
 
-@functools.lru_cache(maxsize=8)
+_ABSTRACT_LOCK = threading.Lock()
+
+
 def abstract_params(config: Xcodec2Config) -> dict:
     """Shapes and dtypes of the parameter tree, without allocating or computing anything.
 
     Cached per config (configs are hashable): tracing the full model takes seconds. Treat the
-    returned tree as read-only."""
+    returned tree as read-only. Threads asking at once (a load beside a compile ahead) share one
+    trace."""
+    with _ABSTRACT_LOCK:
+        return _abstract_params(config)
+
+
+@functools.lru_cache(maxsize=8)
+def _abstract_params(config: Xcodec2Config) -> dict:
     hop = config.hop_length
     values = jax.ShapeDtypeStruct((1, 1, 2 * hop), jnp.float32)
     features = jax.ShapeDtypeStruct(

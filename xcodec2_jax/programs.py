@@ -82,25 +82,76 @@ def cached_jit(
     _listen_for_compilations()
     jitted = jax.jit(fn, compiler_options=compiler_options)
     calls: dict[str, Callable] = {}
+    lock = threading.Lock()  # held while a program is resolved or compiled ahead
 
-    def call(*args):
-        signature = _signature(args)
+    def program_for(signature: str, args) -> Callable:
         program = calls.get(signature)
         if program is None:
-            program = calls[signature] = (
-                jitted
-                if directory is None
-                else _load_or_export(jitted, name, key, directory, signature, args, compiler_options)
-            )
+            with lock:
+                program = calls.get(signature)
+                if program is None:
+                    program = calls[signature] = (
+                        jitted
+                        if directory is None
+                        else _load_or_export(jitted, name, key, directory, signature, args, compiler_options)
+                    )
+        return program
+
+    def call(*args):
+        program = program_for(_signature(args), args)
         _calling.active = True
         try:
             return program(*args)
         finally:
             _calling.active = False
 
+    def precompile(*specs) -> None:
+        """Compile (or load from the compilation cache) the program for arguments shaped like
+        ``specs`` (``jax.ShapeDtypeStruct`` s, with the shardings the real arguments will have), so
+        that the first call with such arguments runs at once. Safe on another thread: a call with
+        that signature meanwhile waits for it."""
+        signature = _signature(specs)
+        with lock:
+            if isinstance(calls.get(signature), _Compiled):
+                return
+            program = calls.get(signature) or (
+                jitted
+                if directory is None
+                else _load_or_export(jitted, name, key, directory, signature, specs, compiler_options)
+            )
+            _calling.active = True
+            try:
+                compiled = program.trace(*specs).lower().compile()
+            finally:
+                _calling.active = False
+            calls[signature] = _Compiled(compiled, program, lambda: calls.__setitem__(signature, program))
+
     # As jax.jit's: how many executables the function holds, one per argument signature here.
-    call._cache_size = lambda: sum(program._cache_size() for program in set(calls.values()))
+    call._cache_size = lambda: sum(
+        1 if isinstance(p, _Compiled) else p._cache_size() for p in set(calls.values())
+    )
+    call.precompile = precompile
     return call
+
+
+class _Compiled:
+    """A program compiled ahead for a signature. Its first call falls back to the jitted program
+    (``replace`` puts that in its place) if the arguments are not placed as the specs said (another
+    device, say): compiled ahead, an executable accepts only the shardings it was compiled for."""
+
+    def __init__(self, compiled, program: Callable, replace: Callable[[], None]):
+        self.compiled, self.program, self.replace, self.checked = compiled, program, replace, False
+
+    def __call__(self, *args):
+        if self.checked:
+            return self.compiled(*args)
+        try:
+            out = self.compiled(*args)
+        except (TypeError, ValueError):
+            self.replace()
+            return self.program(*args)
+        self.checked = True
+        return out
 
 
 @functools.cache

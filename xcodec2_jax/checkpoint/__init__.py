@@ -49,6 +49,7 @@ __all__ = [
     "is_orbax_checkpoint",
     "load_checkpoint",
     "load_params",
+    "load_prepared",
     "original_to_transformers",
     "path_to_torch_key",
     "read_state_dict",
@@ -136,11 +137,10 @@ def load_checkpoint(
         config = config_for(path, inspected)
     if params_cache is None:
         return config, _load(path, inspected, config, dtype, placement)
-    from .prepared import checkpoint_files, entry_key, lookup, prepare
+    from .prepared import prepare
 
     directory = os.fspath(params_cache)
-    key, sources = entry_key(checkpoint_files(path, inspected[0]), config, dtype)
-    params = lookup(directory, key)
+    key, sources, params = _prepared(path, inspected, config, dtype, directory)
     if params is None:
 
         def build(file):
@@ -149,6 +149,40 @@ def load_checkpoint(
         params = prepare(directory, key, sources, build)
     if params is None:  # could not be kept: loaded as without the cache
         return config, _load(path, inspected, config, dtype, placement)
+    return config, params if placement is None else place_tree(params, placement)
+
+
+def _prepared(path: str, inspected, config, dtype, directory: str):
+    """(entry key, sources, the mapped params or None) of the checkpoint in the params cache."""
+    from .prepared import checkpoint_files, entry_key, lookup
+
+    key, sources = entry_key(checkpoint_files(path, inspected[0]), config, dtype)
+    return key, sources, lookup(directory, key)
+
+
+def load_prepared(
+    path: str | os.PathLike,
+    config=None,
+    *,
+    dtype: Any = None,
+    sharding: Any = None,
+    device: Any = None,
+    params_cache: str | os.PathLike,
+):
+    """``load_checkpoint(..., params_cache=...)`` when the folder holds the checkpoint already
+    (milliseconds: the prepared file is mapped), else None, without loading or preparing anything."""
+    from .place import place_tree
+
+    if sharding is not None and device is not None:
+        raise ValueError("pass either sharding or device, not both")
+    placement = sharding if sharding is not None else device
+    path = os.fspath(path)
+    inspected = _inspect(path)
+    if config is None:
+        config = config_for(path, inspected)
+    params = _prepared(path, inspected, config, dtype, os.fspath(params_cache))[2]
+    if params is None:
+        return None
     return config, params if placement is None else place_tree(params, placement)
 
 
