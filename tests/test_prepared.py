@@ -112,3 +112,21 @@ def test_codec_keeps_the_prepared_checkpoint_beside_its_compilation_cache(small_
     assert os.path.isfile(os.path.join(folder, key + ".params"))
     second = Xcodec2Codec.from_pretrained(small_ref.path)
     _assert_same_params(second.params, load_params(small_ref.path))
+
+
+def test_load_prepared_only_maps_what_is_there(small_ref, tmp_path):
+    """load_prepared gives None (and writes nothing) until the folder holds the checkpoint, then the
+    same params as the load that prepared it, placed as asked."""
+    from xcodec2_jax.checkpoint import load_prepared
+
+    folder = tmp_path / "params"
+    assert load_prepared(small_ref.path, params_cache=folder) is None
+    assert not folder.exists() or not os.listdir(folder)
+    _, loaded = load_checkpoint(small_ref.path, params_cache=folder)
+    config, mapped = load_prepared(small_ref.path, params_cache=folder, device=jax.devices()[0])
+    assert config == small_ref.config
+    flat, want = flatten(mapped), flatten(loaded)
+    assert flat.keys() == want.keys()
+    for path, value in flat.items():
+        assert isinstance(value, jax.Array)
+        np.testing.assert_array_equal(np.asarray(value), want[path])

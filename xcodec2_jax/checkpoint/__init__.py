@@ -128,13 +128,7 @@ def load_checkpoint(
     """
     from .place import place_tree
 
-    if sharding is not None and device is not None:
-        raise ValueError("pass either sharding or device, not both")
-    placement = sharding if sharding is not None else device
-    path = os.fspath(path)
-    inspected = _inspect(path)
-    if config is None:
-        config = config_for(path, inspected)
+    path, inspected, config, placement = _arguments(path, config, sharding, device)
     if params_cache is None:
         return config, _load(path, inspected, config, dtype, placement)
     from .prepared import prepare
@@ -150,6 +144,16 @@ def load_checkpoint(
     if params is None:  # could not be kept: loaded as without the cache
         return config, _load(path, inspected, config, dtype, placement)
     return config, params if placement is None else place_tree(params, placement)
+
+
+def _arguments(path, config, sharding, device):
+    """(path, (format, index), config, placement) from a loader's arguments, checked."""
+    if sharding is not None and device is not None:
+        raise ValueError("pass either sharding or device, not both")
+    path = os.fspath(path)
+    inspected = _inspect(path)
+    placement = sharding if sharding is not None else device
+    return path, inspected, config_for(path, inspected) if config is None else config, placement
 
 
 def _prepared(path: str, inspected, config, dtype, directory: str):
@@ -173,13 +177,7 @@ def load_prepared(
     (milliseconds: the prepared file is mapped), else None, without loading or preparing anything."""
     from .place import place_tree
 
-    if sharding is not None and device is not None:
-        raise ValueError("pass either sharding or device, not both")
-    placement = sharding if sharding is not None else device
-    path = os.fspath(path)
-    inspected = _inspect(path)
-    if config is None:
-        config = config_for(path, inspected)
+    path, inspected, config, placement = _arguments(path, config, sharding, device)
     params = _prepared(path, inspected, config, dtype, os.fspath(params_cache))[2]
     if params is None:
         return None
