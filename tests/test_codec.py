@@ -180,16 +180,54 @@ def test_cpu_compiler_options_by_default_and_overridable(codec, small_ref):
         ).decode(np.zeros(8, np.int32))
 
 
+_AHEAD_CHILD = r"""
+import json, sys
+import jax, numpy as np
+from xcodec2_jax import Xcodec2Codec, programs
+lengths = [5000, 3100, 900]
+rng = np.random.default_rng(3)
+audio = [(0.1 * rng.standard_normal(n)).astype(np.float32) for n in lengths]
+compiled = []
+jax.monitoring.register_event_duration_secs_listener(
+    lambda event, duration, **kw: compiled.append(event) if event == programs._COMPILE_EVENT else None
+)
+codec = Xcodec2Codec.from_pretrained(sys.argv[1], batch_size=2, compilation_cache=sys.argv[2],
+                                     encode_lengths=lengths)
+ahead = list(codec._encode._programs.values())
+before = len(compiled)
+codes = codec.encode(audio, 16000)
+print("RESULT " + json.dumps({
+    "ahead": [type(p).__name__ for p in ahead], "compiled_ahead": before,
+    "compiled_by_encode": len(compiled) - before, "codes": [c.tolist() for c in codes],
+}))
+"""
+
+
 def test_programs_compiled_while_loading(codec, small_ref, tmp_path):
-    """from_pretrained(encode_lengths=...) compiles the encode programs while the checkpoint loads:
-    encode of audio of those lengths then compiles nothing, and gives the same codes. A later load
-    maps the prepared checkpoint; precompile_encode also works after loading."""
+    """A first-ever process: from_pretrained(encode_lengths=...) compiles the encode programs while
+    the checkpoint loads, and encode of audio of those lengths then compiles nothing and gives the
+    codes it gives otherwise. A later load maps the prepared checkpoint; precompile_encode also
+    works after loading."""
+    import os
+
     import jax
+    from conftest import run_python
 
     from xcodec2_jax import programs
 
+    cache = str(tmp_path / "cache")
+    env = {k: v for k, v in os.environ.items() if k != "JAX_COMPILATION_CACHE_DIR"}
+    env.update({"JAX_PLATFORMS": "cpu", "PYTHONPATH": os.path.dirname(os.path.dirname(__file__))})
+    child = run_python(_AHEAD_CHILD, [small_ref.path, cache], env, "RESULT ", 300)
+    # Two batches of different shapes: two programs, both compiled ahead, and nothing by encode.
+    assert child["ahead"] == ["_Compiled", "_Compiled"] and child["compiled_ahead"] >= 2
+    assert child["compiled_by_encode"] == 0
     rng = np.random.default_rng(3)
     audio = [(0.1 * rng.standard_normal(n)).astype(np.float32) for n in (5000, 3100, 900)]
+    expected = codec.encode(audio, 16000)
+    for got, want in zip(child["codes"], expected, strict=True):
+        np.testing.assert_array_equal(np.asarray(got), want)
+
     compiled = []
 
     def record(event, duration, **kwargs):
@@ -197,25 +235,9 @@ def test_programs_compiled_while_loading(codec, small_ref, tmp_path):
             compiled.append(event)
 
     jax.monitoring.register_event_duration_secs_listener(record)
-    ahead = Xcodec2Codec.from_pretrained(
-        small_ref.path,
-        batch_size=2,
-        compilation_cache=str(tmp_path / "cache"),
-        encode_lengths=[len(a) for a in audio],
-    )
-    assert len(compiled) >= 2  # two batches of different shapes: two programs
-    before = len(compiled)
-    codes = ahead.encode(audio, 16000)
-    assert len(compiled) == before  # nothing compiled by encode
-    expected = codec.encode(audio, 16000)
-    for got, want in zip(codes, expected, strict=True):
-        np.testing.assert_array_equal(got, want)
-    mapped = Xcodec2Codec.from_pretrained(
-        small_ref.path, batch_size=2, compilation_cache=str(tmp_path / "cache")
-    )
-    leaf = jax.tree.leaves(mapped.params)[0]
-    assert isinstance(leaf, jax.Array)
+    mapped = Xcodec2Codec.from_pretrained(small_ref.path, batch_size=2, compilation_cache=cache)
+    assert all(isinstance(leaf, jax.Array) for leaf in jax.tree.leaves(mapped.params))
     assert mapped.precompile_encode([len(a) for a in audio]) == 2
     before = len(compiled)
-    np.testing.assert_array_equal(mapped.encode(audio, 16000).codes, codes.codes)
+    np.testing.assert_array_equal(mapped.encode(audio, 16000).codes, expected.codes)
     assert len(compiled) == before

@@ -131,6 +131,7 @@ def cached_jit(
         1 if isinstance(p, _Compiled) else p._cache_size() for p in set(calls.values())
     )
     call.precompile = precompile
+    call._programs = calls  # signature -> program (for tests and debugging)
     return call
 
 
