@@ -241,3 +241,9 @@ def test_programs_compiled_while_loading(codec, small_ref, tmp_path):
     before = len(compiled)
     np.testing.assert_array_equal(mapped.encode(audio, 16000).codes, expected.codes)
     assert len(compiled) == before
+
+
+@pytest.mark.parametrize("lengths", [[], [0], [-5], [1.5], [True]])
+def test_precompile_encode_rejects_bad_lengths(codec, lengths):
+    with pytest.raises(ValueError, match="positive sample counts"):
+        codec.precompile_encode(lengths)

@@ -303,6 +303,12 @@ class Xcodec2Codec:
         (``device``: where they will be; default: where they are, or this process's first device)."""
         from .model import abstract_params
 
+        lengths = list(lengths)
+        bad = [n for n in lengths if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1]
+        if not lengths or bad:
+            raise ValueError(
+                f"lengths must be a non-empty list of positive sample counts, got {bad or lengths}"
+            )
         if self.params is not None:
             params = jax.tree.map(
                 lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), self.params
