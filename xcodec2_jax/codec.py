@@ -319,14 +319,8 @@ class Xcodec2Codec:
                 lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=where), abstract_params(self.config)
             )
         hop = self.hop_length
-        n_codes = [math.ceil((int(n) + 1) / hop) for n in lengths]
-        pieces = self._plan(n_codes, max_window_seconds, context_seconds)
-        piece_codes = [w.end - w.start for w in pieces]
-        size = batch_size or self.batch_size
-        shapes = {
-            (batch_bucket(len(batch), size), length_bucket(max(piece_codes[j] for j in batch)))
-            for batch in self._batches(piece_codes, batch_size)
-        }
+        _, _, batches = self._encode_plan(lengths, batch_size, max_window_seconds, context_seconds)
+        shapes = {(rows, n) for _, rows, n in batches}
         for rows, n in sorted(shapes):
             # The inputs of a batch as encode builds them (shapes and dtypes), from silence.
             silence = np.zeros(n * hop - 1, np.float32)  # n codes
@@ -375,28 +369,45 @@ class Xcodec2Codec:
             raise ValueError("no audio given")
         prepared = [prepare_audio(a, sampling_rate, i) for i, a in enumerate(items)]
         hop = self.hop_length
-        n_codes = [math.ceil((len(a) + 1) / hop) for a in prepared]
+        n_codes, pieces, batches = self._encode_plan(
+            [len(a) for a in prepared], batch_size, max_window_seconds, context_seconds
+        )
         codes = np.zeros((len(prepared), max(n_codes)), np.int32)
-        size = batch_size or self.batch_size
-        pieces = self._plan(n_codes, max_window_seconds, context_seconds)
-        piece_codes = [w.end - w.start for w in pieces]
         stats = {w.item: None for w in pieces if w.end - w.start < n_codes[w.item]}
         for i in stats:
             stats[i] = windows.feature_stats(prepared[i], hop)
 
-        for batch in progress_bar(list(self._batches(piece_codes, batch_size)), "encode", "batch", progress):
-            n = length_bucket(max(piece_codes[j] for j in batch))
+        for batch, rows, n in progress_bar(batches, "encode", "batch", progress):
             parts = [
                 self._piece_inputs(prepared[pieces[j].item], pieces[j], stats.get(pieces[j].item))
                 for j in batch
             ]
-            inputs = self._batch_inputs(parts, n, batch_bucket(len(batch), size))
+            inputs = self._batch_inputs(parts, n, rows)
             out = np.asarray(self._encode(self.params, inputs))
             for row, j in enumerate(batch):
                 w = pieces[j]
                 kept = out[row, w.keep_start - w.start : w.keep_end - w.start]
                 codes[w.item, w.keep_start : w.keep_end] = kept
         return EncodedAudio(codes=codes, lengths=np.asarray(n_codes, np.int32))
+
+    def _encode_plan(
+        self,
+        lengths: Sequence[int],
+        batch_size: int | None,
+        max_window_seconds: float | None,
+        context_seconds: float,
+    ) -> tuple[list[int], list[windows.Window], list[tuple[list[int], int, int]]]:
+        """For items of these sample counts (16 kHz): each one's code count, the pieces they are
+        encoded in, and the batches: (piece indices, rows, codes), rows and codes bucketed."""
+        n_codes = [math.ceil((int(n) + 1) / self.hop_length) for n in lengths]
+        pieces = self._plan(n_codes, max_window_seconds, context_seconds)
+        piece_codes = [w.end - w.start for w in pieces]
+        size = batch_size or self.batch_size
+        batches = [
+            (batch, batch_bucket(len(batch), size), length_bucket(max(piece_codes[j] for j in batch)))
+            for batch in self._batches(piece_codes, batch_size)
+        ]
+        return n_codes, pieces, batches
 
     def _piece_inputs(
         self, audio: np.ndarray, w: windows.Window, stats: tuple | None

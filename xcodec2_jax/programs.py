@@ -84,17 +84,22 @@ def cached_jit(
     calls: dict[str, Callable] = {}
     lock = threading.Lock()  # held while a program is resolved or compiled ahead
 
+    def resolve(signature: str, args) -> Callable:
+        # With the lock held: the signature's program, traced (or read back) the first time.
+        program = calls.get(signature)
+        if program is None:
+            program = calls[signature] = (
+                jitted
+                if directory is None
+                else _load_or_export(jitted, name, key, directory, signature, args, compiler_options)
+            )
+        return program
+
     def program_for(signature: str, args) -> Callable:
         program = calls.get(signature)
         if program is None:
             with lock:
-                program = calls.get(signature)
-                if program is None:
-                    program = calls[signature] = (
-                        jitted
-                        if directory is None
-                        else _load_or_export(jitted, name, key, directory, signature, args, compiler_options)
-                    )
+                program = resolve(signature, args)
         return program
 
     def call(*args):
@@ -114,11 +119,7 @@ def cached_jit(
         with lock:
             if isinstance(calls.get(signature), _Compiled):
                 return
-            program = calls.get(signature) or (
-                jitted
-                if directory is None
-                else _load_or_export(jitted, name, key, directory, signature, specs, compiler_options)
-            )
+            program = resolve(signature, specs)
             _calling.active = True
             try:
                 compiled = program.trace(*specs).lower().compile()
