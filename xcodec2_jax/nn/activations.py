@@ -64,8 +64,14 @@ def _span(taps_per_source: Sequence[Taps]) -> tuple[int, int]:
     return min(0, *offsets), max(0, *offsets)
 
 
+def _scalar(value: float, dtype) -> np.ndarray:
+    # A numpy scalar: lax ops take it as a literal, and tracing skips jnp's dispatch (the 36
+    # activations' few thousand element-wise ops were most of the encoder's trace time).
+    return np.asarray(value, dtype)[()]
+
+
 def _broadcast_rows(row: Array, n: int) -> Array:
-    return jnp.broadcast_to(row, (row.shape[0], n, row.shape[2]))
+    return lax.broadcast_in_dim(row, (row.shape[0], n, row.shape[2]), (0, 1, 2))
 
 
 def _extend(x: Array, left: int, right: int, left_fill: Array, right_fill: Array) -> Array:
@@ -73,7 +79,7 @@ def _extend(x: Array, left: int, right: int, left_fill: Array, right_fill: Array
     parts.append(x)
     if right:
         parts.append(_broadcast_rows(right_fill, right))
-    return jnp.concatenate(parts, axis=1) if len(parts) > 1 else x
+    return lax.concatenate(parts, 1) if len(parts) > 1 else x
 
 
 def _slice_sum(sources: Sequence[tuple[Array, Taps]], start: int, n: int) -> Array:
@@ -82,8 +88,8 @@ def _slice_sum(sources: Sequence[tuple[Array, Taps]], start: int, n: int) -> Arr
     for x, taps in sources:
         for offset, coef in taps:
             window = lax.slice_in_dim(x, start + offset, start + offset + n, axis=1)
-            term = window * jnp.asarray(coef, x.dtype)
-            out = term if out is None else out + term
+            term = lax.mul(window, _scalar(coef, x.dtype))
+            out = term if out is None else lax.add(out, term)
     return out
 
 
@@ -157,17 +163,15 @@ def _upsample_phases(
     if t <= width or short:  # `short`: a small input, where the simplest graph is best
         phases = padded_phases(x)
         return [_extend(p, *extend, phases[0][:, :1], phases[-1][:, -1:]) for p in phases]
-    ends = padded_phases(jnp.concatenate([x[:, :width], x[:, t - width :]], axis=0))
+    ends = padded_phases(lax.concatenate([x[:, :width], x[:, t - width :]], 0))
     lefts = [p[:b, :-lo] for p in ends]
     rights = [p[b:, width - hi :] for p in ends]
     left_fill, right_fill = lefts[0][:, :1], rights[-1][:, -1:]
     n_interior = t - width
     out = []
     for pt, left, right in zip(taps, lefts, rights, strict=True):
-        parts = [left, jnp.zeros((b, n_interior, c), x.dtype), right]
-        base = _extend(
-            jnp.concatenate([p for p in parts if p.shape[1]], axis=1), *extend, left_fill, right_fill
-        )
+        parts = [left, lax.full((b, n_interior, c), 0, x.dtype), right]
+        base = _extend(lax.concatenate([p for p in parts if p.shape[1]], 1), *extend, left_fill, right_fill)
         interior = act(_slice_sum([(x, pt)], -lo, n_interior))
         out.append(lax.dynamic_update_slice_in_dim(base, interior, extend[0] - lo, axis=1))
     return out
@@ -202,15 +206,18 @@ def sin_squared(y: Array) -> Array:
     cos² = 1 - sin², written as |odd - s²| to avoid an integer parity test that blocks
     vectorisation.
     """
-    q = jnp.round(y * np.float32(2 / np.pi))
+    f32 = np.float32
+    q = lax.round(lax.mul(y, f32(2 / np.pi)), lax.RoundingMethod.TO_NEAREST_EVEN)
     r = y
     for part in (1.5703125, 4.837512969970703e-4, 7.549533620476723e-8, 2.5632829192545614e-12):
-        r = r - q * np.float32(part)
-    z = r * r
-    poly = np.float32(-1.6666654611e-1) + z * (np.float32(8.3321608736e-3) + z * np.float32(-1.9515295891e-4))
-    s = r + r * z * poly
-    odd = q - 2 * jnp.floor(q * np.float32(0.5))
-    return jnp.abs(odd - s * s)
+        r = lax.sub(r, lax.mul(q, f32(part)))
+    z = lax.mul(r, r)
+    poly = lax.add(
+        f32(-1.6666654611e-1), lax.mul(z, lax.add(f32(8.3321608736e-3), lax.mul(z, f32(-1.9515295891e-4))))
+    )
+    s = lax.add(r, lax.mul(lax.mul(r, z), poly))
+    odd = lax.sub(q, lax.mul(f32(2), lax.floor(lax.mul(q, f32(0.5)))))
+    return lax.abs(lax.sub(odd, lax.mul(s, s)))
 
 
 def snake_scales(alpha: Array, beta: Array) -> tuple[Array, Array]:
