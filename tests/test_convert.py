@@ -80,3 +80,46 @@ def test_orbax_restore_is_strict_and_sharded(small_ref, tmp_path):
     with pytest.raises(FileExistsError):
         save_orbax(dst, params, small_ref.config)
     assert os.path.isdir(dst / "params")
+
+
+def test_orbax_groups_bound_each_restore():
+    from xcodec2_jax.checkpoint.orbax import _groups
+
+    sizes = [5, 300, 40, 40, 90, 1]
+    specs = {(f"p{i}",): jax.ShapeDtypeStruct((n,), np.float32) for i, n in enumerate(sizes)}
+    groups = _groups(specs, 100 * 4)
+    assert sorted(p for g in groups for p in g) == sorted(specs)  # each parameter exactly once
+    sizes = [sum(specs[p].shape[0] for p in g) for g in groups]
+    assert groups[0] == [("p1",)]  # biggest first, alone when over the limit
+    assert all(s <= 100 for s in sizes[1:]) and len(groups) == 3
+
+
+def test_orbax_restored_a_group_at_a_time(small_ref, tmp_path, monkeypatch):
+    import orbax.checkpoint as ocp
+
+    import xcodec2_jax.checkpoint.orbax as orbax_checkpoint
+
+    dst = tmp_path / "ckpt"
+    save_orbax(dst, small_ref.params, small_ref.config)
+    restored_bytes = []
+    real = ocp.PyTreeCheckpointer.restore
+
+    def counted(self, *args, **kwargs):
+        out = real(self, *args, **kwargs)
+        restored_bytes.append([x.nbytes for x in jax.tree.leaves(out)])
+        return out
+
+    monkeypatch.setattr(ocp.PyTreeCheckpointer, "restore", counted)
+    limit = 64 << 10
+    monkeypatch.setattr(orbax_checkpoint, "RESTORE_GROUP_BYTES", limit)
+    sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    for placement in ({"sharding": sharding}, {}):
+        restored_bytes.clear()
+        restored = load_params(dst, **placement)
+        assert len(restored_bytes) > 3
+        # Every call restored one group: at most the limit, or a single larger array.
+        assert all(sum(call) <= limit or len(call) == 1 for call in restored_bytes)
+        assert sum(map(len, restored_bytes)) == len(jax.tree.leaves(small_ref.params))
+        if placement:
+            assert all(leaf.sharding == sharding for leaf in jax.tree.leaves(restored))
+        assert _same_tree(jax.tree.map(np.asarray, restored), small_ref.params)
