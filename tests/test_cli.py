@@ -118,6 +118,28 @@ def test_python_dash_m_runs_the_cli():
     assert result.returncode == 0 and "encode" in result.stdout and "roundtrip" in result.stdout
 
 
+def test_console_command_freezes_the_collector_and_main_does_not(small_ref, wav_dir, tmp_path):
+    import gc
+
+    frozen = gc.get_freeze_count()
+    wav = str(wav_dir / "a.wav")
+    assert main(["encode", wav, "-o", str(tmp_path / "in"), "--model", small_ref.path]) == 0
+    assert gc.get_freeze_count() == frozen  # a program calling main keeps its collector as it was
+
+    child = (
+        "import gc, sys; from xcodec2_jax.cli import console_main; code = console_main(); "
+        "print('frozen', gc.get_freeze_count() > 0); sys.exit(code)"
+    )
+    argv = ["encode", wav, "-o", str(tmp_path / "out"), "--model", small_ref.path]
+    env = dict(os.environ, **{cache.ENV_VAR: "off"})
+    result = subprocess.run(
+        [sys.executable, "-c", child, *argv], capture_output=True, text=True, env=env, timeout=600
+    )
+    assert result.returncode == 0, result.stderr
+    assert "frozen True" in result.stdout
+    assert np.array_equal(np.load(tmp_path / "out" / "a.npy"), np.load(tmp_path / "in" / "a.npy"))
+
+
 def test_cache_flags():
     parse = build_parser().parse_args
     args = parse(["encode", "a.wav", "-o", "out"])
