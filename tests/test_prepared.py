@@ -130,3 +130,58 @@ def test_load_prepared_only_maps_what_is_there(small_ref, tmp_path):
     for path, value in flat.items():
         assert isinstance(value, jax.Array)
         np.testing.assert_array_equal(np.asarray(value), want[path])
+
+
+def test_modules_load_a_strictly_checked_subset_in_every_format(small_ref, tmp_path):
+    from xcodec2_jax.model import ENCODE_MODULES, MODULES, abstract_params
+
+    assert sorted(abstract_params(small_ref.config)) == sorted(MODULES)
+    full = load_params(small_ref.path)
+    save_orbax(tmp_path / "orbax", full, small_ref.config)
+    cache = tmp_path / "params"
+    for source in (small_ref.path, tmp_path / "orbax"):
+        for kwargs in ({}, {"params_cache": cache}, {"params_cache": cache}):  # prepared, then mapped
+            subset = load_params(source, modules=ENCODE_MODULES, **kwargs)
+            assert sorted(subset) == sorted(ENCODE_MODULES)
+            _assert_same_params(subset, {m: full[m] for m in ENCODE_MODULES})
+    # The encoder-only entry is one of its own, smaller than the whole checkpoint's.
+    load_params(small_ref.path, params_cache=cache)
+    sizes = sorted(os.path.getsize(cache / f) for f in os.listdir(cache) if f.endswith(".params"))
+    assert len(sizes) == 3 and sizes[0] < sizes[-1]  # encoder-only from both formats, then whole
+
+    with pytest.raises(ValueError, match="unknown module"):
+        load_params(small_ref.path, modules=["decoder"])
+    with pytest.raises(ValueError, match="non-empty"):
+        load_params(small_ref.path, modules="quantizer")
+
+
+def test_modules_still_check_the_whole_checkpoint(small_ref, tmp_path):
+    from xcodec2_jax.checkpoint import CheckpointMismatchError
+    from xcodec2_jax.model import ENCODE_MODULES
+
+    bad = dict(load_params(small_ref.path))
+    bad["acoustic_decoder"] = dict(bad["acoustic_decoder"], extra={"kernel": np.zeros((2, 2), np.float32)})
+    save_orbax(tmp_path / "bad", bad, small_ref.config)
+    with pytest.raises(CheckpointMismatchError, match="extra"):
+        load_params(tmp_path / "bad", modules=ENCODE_MODULES)
+
+
+def test_encode_only_codec_encodes_the_same_and_refuses_to_decode(small_ref, tmp_path):
+    from conftest import speech_files
+
+    from xcodec2_jax.codec import read_audio
+
+    audio = read_audio(speech_files()[0])
+    full = Xcodec2Codec.from_pretrained(small_ref.path, compilation_cache=tmp_path / "cache")
+    part = Xcodec2Codec.from_pretrained(
+        small_ref.path, compilation_cache=tmp_path / "cache", encode_only=True, encode_lengths=[len(audio)]
+    )
+    assert part.encode_only and not full.encode_only and "acoustic_decoder" not in part.params
+    compiled = part._encode._cache_size()
+    codes = part.encode(audio, part.sampling_rate)
+    assert part._encode._cache_size() == compiled  # compiled while loading, for the encoder's params
+    np.testing.assert_array_equal(codes.codes, full.encode(audio, full.sampling_rate).codes)
+    with pytest.raises(ValueError, match="encode_only"):
+        part.decode(codes)
+    with pytest.raises(ValueError, match="encode_only"):
+        part.decode_stream()

@@ -91,7 +91,7 @@ class ModelLoadError(Exception):
     """The model could not be loaded: nothing else can run."""
 
 
-def _load_codec(args, encode_lengths=None):
+def _load_codec(args, encode_lengths=None, encode_only=False):
     import jax.numpy as jnp
 
     from .codec import Xcodec2Codec
@@ -105,6 +105,7 @@ def _load_codec(args, encode_lengths=None):
             batch_size=args.batch_size,
             compilation_cache=False if args.no_cache else args.cache_dir,
             encode_lengths=encode_lengths,
+            encode_only=encode_only,
         )
     except (OSError, ValueError) as e:
         raise ModelLoadError(str(e)) from e
@@ -124,7 +125,8 @@ def cmd_encode(args, run: _Run) -> None:
             first[path] = read_audio(path)
         except ValueError:
             pass
-    codec = _load_codec(args, encode_lengths=[len(a) for a in first.values()])
+    # Only the encoder's weights: 70% of the checkpoint to prepare, keep and map.
+    codec = _load_codec(args, encode_lengths=[len(a) for a in first.values()], encode_only=True)
 
     def read(path):
         return first.pop(path) if path in first else read_audio(path)

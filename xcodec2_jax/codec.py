@@ -25,7 +25,7 @@ from .checkpoint import load_checkpoint, load_prepared
 from .checkpoint.prepared import params_dir
 from .config import Xcodec2Config
 from .features import Xcodec2FeatureExtractor
-from .model import Xcodec2Model, validate_codes
+from .model import ENCODE_MODULES, Xcodec2Model, validate_codes
 from .programs import cached_jit, programs_dir
 
 DEFAULT_MODEL_ID = "HKUSTAudio/xcodec2-hf"
@@ -198,6 +198,8 @@ class Xcodec2Codec:
         self.precision = precision
         self.batch_size = batch_size
         self.params = jax.device_put(params)
+        # Set by from_pretrained(encode_only=True): the params hold the encoder's weights alone.
+        self.encode_only = params is not None and not set(params) - set(ENCODE_MODULES)
         self.features = Xcodec2FeatureExtractor(hop_length=config.hop_length)
         model = self.model
 
@@ -239,6 +241,7 @@ class Xcodec2Codec:
         compiler_options: dict | None = None,
         device: jax.Device | None = None,
         encode_lengths: Sequence[int] | None = None,
+        encode_only: bool = False,
     ) -> Xcodec2Codec:
         """Load a checkpoint directory (transformers or original format, ``config.json`` + safetensors)
         or download a Hugging Face Hub repo (needs the ``hub`` extra). ``cache_dir`` is the Hub's
@@ -251,7 +254,11 @@ class Xcodec2Codec:
         call with the default batching and windows: the programs it will need are compiled (or
         loaded from the compilation cache) on another thread while the checkpoint loads, as
         :meth:`precompile_encode` would do after it. A failure there is a warning: ``encode`` then
-        compiles as usual."""
+        compiles as usual.
+
+        ``encode_only``: load only the weights that ``encode`` reads (``model.ENCODE_MODULES``, 70%
+        of the full model; the checkpoint is still checked whole); ``decode`` then raises. The
+        params cache keeps such a load as an entry of its own."""
         from .checkpoint import config_for
 
         path = _resolve_checkpoint(os.fspath(path_or_repo_id), revision, cache_dir)
@@ -271,10 +278,12 @@ class Xcodec2Codec:
             compilation_cache=compilation_cache,
             compiler_options=compiler_options,
         )
+        codec.encode_only = bool(encode_only)
+        modules = ENCODE_MODULES if encode_only else None
         directory = params_dir(cache)
         ready = None
         if directory is not None:
-            ready = load_prepared(path, config, device=device, params_cache=directory)
+            ready = load_prepared(path, config, device=device, params_cache=directory, modules=modules)
         if ready is not None:  # mapped in milliseconds: encode's first call finds its programs cached
             codec.params = ready[1]
             return codec
@@ -282,7 +291,9 @@ class Xcodec2Codec:
         if encode_lengths:
             worker = _Background(codec.precompile_encode, list(encode_lengths), device=device)
         try:
-            _, codec.params = load_checkpoint(path, config, device=device, params_cache=directory)
+            _, codec.params = load_checkpoint(
+                path, config, device=device, params_cache=directory, modules=modules
+            )
         finally:
             if worker is not None:
                 worker.join()
@@ -315,9 +326,10 @@ class Xcodec2Codec:
             )
         else:
             where = jax.sharding.SingleDeviceSharding(device or jax.local_devices()[0])
-            params = jax.tree.map(
-                lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=where), abstract_params(self.config)
-            )
+            shapes = abstract_params(self.config)
+            if self.encode_only:
+                shapes = {m: v for m, v in shapes.items() if m in ENCODE_MODULES}
+            params = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=where), shapes)
         hop = self.hop_length
         _, _, batches = self._encode_plan(lengths, batch_size, max_window_seconds, context_seconds)
         shapes = {(rows, n) for _, rows, n in batches}
@@ -474,6 +486,7 @@ class Xcodec2Codec:
         ``context_seconds`` on each side of the part kept, neighbours blended over
         ``crossfade_seconds`` (:mod:`xcodec2_jax.windows`); None decodes every item in one piece.
         """
+        self._require_decoder()
         if isinstance(codes, EncodedAudio):
             codes, lengths = codes.codes, codes.lengths
         as_list = lengths is not None or isinstance(codes, (list, tuple))
@@ -538,6 +551,13 @@ class Xcodec2Codec:
                 windows.add_decoded(out[w.item], audio[row], w, hop)
         return out if stacked is None else stacked
 
+    def _require_decoder(self) -> None:
+        if self.encode_only:
+            raise ValueError(
+                "this codec holds only the encoder's weights (from_pretrained(encode_only=True)): "
+                "load it without encode_only to decode"
+            )
+
     def decode_stream(
         self,
         *,
@@ -550,6 +570,7 @@ class Xcodec2Codec:
         that is final so far. Sizes are in codes (50 per second); None takes the measured defaults."""
         from . import stream
 
+        self._require_decoder()
         return stream.DecodeStream(
             self,
             chunk=stream.DEFAULT_CHUNK if chunk is None else chunk,

@@ -321,6 +321,18 @@ def checkpoint_shapes(config: Xcodec2Config) -> dict:
     return unstack_layers(abstract_params(config), config)
 
 
+# The model's top-level modules, the first level of its parameter tree (tests check the two agree).
+MODULES = (
+    "semantic_encoder",
+    "semantic_adapter",
+    "acoustic_encoder",
+    "fc_encoder",
+    "quantizer",
+    "acoustic_decoder",
+)
+# Those whose parameters ``encode`` reads: all but the decoder (70% of the full model's bytes).
+ENCODE_MODULES = MODULES[:-1]
+
 _ABSTRACT_LOCK = threading.Lock()
 
 

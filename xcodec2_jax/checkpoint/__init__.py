@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -120,6 +121,7 @@ def load_checkpoint(
     sharding: Any = None,
     device: Any = None,
     params_cache: str | os.PathLike | None = None,
+    modules: Sequence[str] | None = None,
 ):
     """``(config, params)`` of a checkpoint; see :func:`load_params` for the arguments.
 
@@ -128,39 +130,49 @@ def load_checkpoint(
     """
     from .place import place_tree
 
-    path, inspected, config, placement = _arguments(path, config, sharding, device)
+    path, inspected, config, placement, modules = _arguments(path, config, sharding, device, modules)
     if params_cache is None:
-        return config, _load(path, inspected, config, dtype, placement)
+        return config, _load(path, inspected, config, dtype, placement, modules=modules)
     from .prepared import prepare
 
     directory = os.fspath(params_cache)
-    key, sources, params = _prepared(path, inspected, config, dtype, directory)
+    key, sources, params = _prepared(path, inspected, config, dtype, directory, modules)
     if params is None:
 
         def build(file):
-            return _load(path, inspected, config, dtype, None, file)
+            return _load(path, inspected, config, dtype, None, file, modules)
 
         params = prepare(directory, key, sources, build)
     if params is None:  # could not be kept: loaded as without the cache
-        return config, _load(path, inspected, config, dtype, placement)
+        return config, _load(path, inspected, config, dtype, placement, modules=modules)
     return config, params if placement is None else place_tree(params, placement)
 
 
-def _arguments(path, config, sharding, device):
-    """(path, (format, index), config, placement) from a loader's arguments, checked."""
+def _arguments(path, config, sharding, device, modules):
+    """(path, (format, index), config, placement, modules) from a loader's arguments, checked."""
+    from ..model import MODULES
+
     if sharding is not None and device is not None:
         raise ValueError("pass either sharding or device, not both")
+    if modules is not None:
+        if isinstance(modules, str) or not modules:
+            raise ValueError(f"modules must be a non-empty list of module names, got {modules!r}")
+        unknown = sorted(set(modules) - set(MODULES))
+        if unknown:
+            raise ValueError(f"unknown module(s) {unknown}: the model's are {list(MODULES)}")
+        modules = None if set(modules) == set(MODULES) else tuple(m for m in MODULES if m in modules)
     path = os.fspath(path)
     inspected = _inspect(path)
     placement = sharding if sharding is not None else device
-    return path, inspected, config_for(path, inspected) if config is None else config, placement
+    config = config_for(path, inspected) if config is None else config
+    return path, inspected, config, placement, modules
 
 
-def _prepared(path: str, inspected, config, dtype, directory: str):
+def _prepared(path: str, inspected, config, dtype, directory: str, modules):
     """(entry key, sources, the mapped params or None) of the checkpoint in the params cache."""
     from .prepared import checkpoint_files, entry_key, lookup
 
-    key, sources = entry_key(checkpoint_files(path, inspected[0]), config, dtype)
+    key, sources = entry_key(checkpoint_files(path, inspected[0]), config, dtype, modules)
     return key, sources, lookup(directory, key)
 
 
@@ -172,20 +184,22 @@ def load_prepared(
     sharding: Any = None,
     device: Any = None,
     params_cache: str | os.PathLike,
+    modules: Sequence[str] | None = None,
 ):
     """``load_checkpoint(..., params_cache=...)`` when the folder holds the checkpoint already
     (milliseconds: the prepared file is mapped), else None, without loading or preparing anything."""
     from .place import place_tree
 
-    path, inspected, config, placement = _arguments(path, config, sharding, device)
-    params = _prepared(path, inspected, config, dtype, os.fspath(params_cache))[2]
+    path, inspected, config, placement, modules = _arguments(path, config, sharding, device, modules)
+    params = _prepared(path, inspected, config, dtype, os.fspath(params_cache), modules)[2]
     if params is None:
         return None
     return config, params if placement is None else place_tree(params, placement)
 
 
-def _load(path: str, inspected, config, dtype, placement, file: str | None = None):
-    """The params; with ``file`` (safetensors formats), written into that file, mapped."""
+def _load(path: str, inspected, config, dtype, placement, file: str | None = None, modules=None):
+    """The params (of ``modules`` only, if given); with ``file`` (safetensors formats), written into
+    that file, mapped. The strict check covers the whole checkpoint either way."""
     from ..model import checkpoint_shapes, scanned_layers
     from .io import populated_buffer
     from .orbax import restore
@@ -194,7 +208,7 @@ def _load(path: str, inspected, config, dtype, placement, file: str | None = Non
 
     fmt, index = inspected
     if fmt == "orbax":
-        return restore(path, config, dtype=dtype, placement=placement)
+        return restore(path, config, dtype=dtype, placement=placement, modules=modules)
     tensors = TensorReader().tensors(index)
     if fmt == "original":
         tensors = to_transformers(tensors)
@@ -202,12 +216,20 @@ def _load(path: str, inspected, config, dtype, placement, file: str | None = Non
     # The host buffer is populated on another thread while the model is traced for its shapes.
     with ThreadPoolExecutor(1) as pool:
         on_host = stays_on_host(placement) and file is None
-        buffer = pool.submit(populated_buffer, host_bytes(tensors, dtype)) if on_host else None
+        needed = tensors if modules is None else _in_modules(tensors, modules)
+        buffer = pool.submit(populated_buffer, host_bytes(needed, dtype)) if on_host else None
         expected = checkpoint_shapes(config)
         buffer = None if buffer is None else buffer.result()
     placed = map_state(tensors, expected, source=f"checkpoint {path!r}")
+    if modules is not None:
+        placed = {p: v for p, v in placed.items() if p[0] in modules}
     stacks = scanned_layers(config)
     return assemble(placed, stacks, dtype=dtype, placement=placement, buffer=buffer, file=file)
+
+
+def _in_modules(tensors: dict, modules) -> dict:
+    """The transformers-named tensors that belong to these top-level modules."""
+    return {k: v for k, v in tensors.items() if torch_key_to_path(k)[0] in modules}
 
 
 def load_params(
@@ -218,6 +240,7 @@ def load_params(
     sharding: Any = None,
     device: Any = None,
     params_cache: str | os.PathLike | None = None,
+    modules: Sequence[str] | None = None,
 ) -> dict[str, Any]:
     """Load an X-Codec2 checkpoint into the Flax parameter tree of :class:`Xcodec2Model`.
 
@@ -239,7 +262,17 @@ def load_params(
 
     ``params_cache``: a folder where the checkpoint is kept prepared in this layout, and mapped from on
     later loads (see :mod:`xcodec2_jax.checkpoint.prepared`).
+
+    ``modules``: top-level modules of the model (``model.MODULES``) whose parameters are loaded,
+    the rest skipped (``model.ENCODE_MODULES``: what ``encode`` reads, 70% of the full model's
+    bytes); the whole checkpoint is still checked strictly. None: all of them.
     """
     return load_checkpoint(
-        path, config, dtype=dtype, sharding=sharding, device=device, params_cache=params_cache
+        path,
+        config,
+        dtype=dtype,
+        sharding=sharding,
+        device=device,
+        params_cache=params_cache,
+        modules=modules,
     )[1]

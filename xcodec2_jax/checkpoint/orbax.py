@@ -114,8 +114,11 @@ def _restore_in_groups(target: str, expected: Mapping, shardings: Mapping | None
     return unflatten({p: restored[p] for p in expected})
 
 
-def restore(path: str, config, *, dtype: Any = None, placement: Any = None) -> dict[str, Any]:
-    """The params of the Orbax checkpoint at ``path``, strictly checked against ``config``'s model."""
+def restore(
+    path: str, config, *, dtype: Any = None, placement: Any = None, modules=None
+) -> dict[str, Any]:
+    """The params of the Orbax checkpoint at ``path``, strictly checked against ``config``'s model;
+    of the top-level ``modules`` only, if given."""
     import jax
     import jax.numpy as jnp
     import orbax.checkpoint as ocp
@@ -132,10 +135,13 @@ def restore(path: str, config, *, dtype: Any = None, placement: Any = None) -> d
     if not _same_layout(stored, expected) and _same_layout(stored, unstacked):
         flat = flatten(checkpointer.restore(target))
         params = stack_layers(flat, config)
+        if modules is not None:
+            params = {m: v for m, v in params.items() if m in modules}
         params = params if placement is None else place_tree(params, placement)
     elif _same_layout(stored, expected):
-        shardings = None if placement is None else _shardings(placement, expected)
-        params = _restore_in_groups(target, expected, shardings)
+        wanted = expected if modules is None else {p: v for p, v in expected.items() if p[0] in modules}
+        shardings = None if placement is None else _shardings(placement, wanted)
+        params = _restore_in_groups(target, wanted, shardings)
     else:
         unexpected = [(path_to_torch_key(p), v.shape) for p, v in stored.items() if p not in expected]
         missing = [(path_to_torch_key(p), v.shape) for p, v in expected.items() if p not in stored]

@@ -26,7 +26,7 @@ import os
 import shutil
 import tempfile
 import warnings
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -68,13 +68,19 @@ def _sources(files: list[str]) -> list[list]:
     return out
 
 
-def entry_key(files: list[str], config: Any, dtype: Any) -> tuple[str, list[list]]:
-    """(file stem of the entry, the identity of the checkpoint's files)."""
+def entry_key(
+    files: list[str], config: Any, dtype: Any, modules: Sequence[str] | None = None
+) -> tuple[str, list[list]]:
+    """(file stem of the entry, the identity of the checkpoint's files). ``modules``: the top-level
+    modules the entry holds (None: all)."""
     from .. import __version__
 
     sources = _sources(files)
     dtype_name = "stored" if dtype is None else np.dtype(dtype).name
-    identity = json.dumps([FORMAT_VERSION, __version__, sources, repr(config), dtype_name])
+    identity = [FORMAT_VERSION, __version__, sources, repr(config), dtype_name]
+    if modules is not None:  # a full entry keeps the key it always had
+        identity.append(sorted(modules))
+    identity = json.dumps(identity)
     return hashlib.sha256(identity.encode()).hexdigest()[:32], sources
 
 
