@@ -40,6 +40,10 @@ CPU_COMPILER_OPTIONS = {"xla_llvm_disable_expensive_passes": True}
 MAX_CHANNELS = 16
 
 
+def _encoder_part(params: dict) -> dict:
+    return {m: v for m, v in params.items() if m in ENCODE_MODULES}
+
+
 def length_bucket(n: int, minimum: int = 8) -> int:
     """Round a code count up to 2^k · {1, 1.25, 1.5, 1.75}: at most 25% padding, 4 shapes per octave."""
     n = max(int(n), minimum)
@@ -322,13 +326,11 @@ class Xcodec2Codec:
             )
         if self.params is not None:
             params = jax.tree.map(
-                lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), self.params
+                lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), self.encode_params
             )
         else:
             where = jax.sharding.SingleDeviceSharding(device or jax.local_devices()[0])
-            shapes = abstract_params(self.config)
-            if self.encode_only:
-                shapes = {m: v for m, v in shapes.items() if m in ENCODE_MODULES}
+            shapes = _encoder_part(abstract_params(self.config))
             params = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=where), shapes)
         hop = self.hop_length
         _, _, batches = self._encode_plan(lengths, batch_size, max_window_seconds, context_seconds)
@@ -341,6 +343,12 @@ class Xcodec2Codec:
             specs = {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in inputs.items()}
             self._encode.precompile(params, specs)
         return len(shapes)
+
+    @property
+    def encode_params(self) -> dict:
+        """The params that the encode program takes: those of ``model.ENCODE_MODULES``. Passing only
+        these makes it one program whether or not the codec holds the decoder's weights too."""
+        return _encoder_part(self.params)
 
     @property
     def sampling_rate(self) -> int:
@@ -395,7 +403,7 @@ class Xcodec2Codec:
                 for j in batch
             ]
             inputs = self._batch_inputs(parts, n, rows)
-            out = np.asarray(self._encode(self.params, inputs))
+            out = np.asarray(self._encode(self.encode_params, inputs))
             for row, j in enumerate(batch):
                 w = pieces[j]
                 kept = out[row, w.keep_start - w.start : w.keep_end - w.start]

@@ -100,7 +100,7 @@ class _Encoder:
         self.batch_size = batch_size
         if len(self.devices) == 1:
             # The codec's own program, kept on disk between runs (see programs.py).
-            self.fn, self.params = codec._encode, codec.params
+            self.fn, self.params = codec._encode, codec.encode_params
         else:
             mesh = Mesh(np.array(self.devices), ("data",))
             replicated, rows = (
@@ -113,7 +113,7 @@ class _Encoder:
                 out_shardings=rows,
                 compiler_options=codec.compiler_options or None,
             )
-            self.params = jax.device_put(codec.params, replicated)
+            self.params = jax.device_put(codec.encode_params, replicated)
         self.pending = None
         self.shapes: set[tuple[int, int]] = set()
         self.compile_s = self.busy_s = 0.0
