@@ -202,8 +202,6 @@ class Xcodec2Codec:
         self.precision = precision
         self.batch_size = batch_size
         self.params = jax.device_put(params)
-        # Set by from_pretrained(encode_only=True): the params hold the encoder's weights alone.
-        self.encode_only = params is not None and not set(params) - set(ENCODE_MODULES)
         self.features = Xcodec2FeatureExtractor(hop_length=config.hop_length)
         model = self.model
 
@@ -282,7 +280,6 @@ class Xcodec2Codec:
             compilation_cache=compilation_cache,
             compiler_options=compiler_options,
         )
-        codec.encode_only = bool(encode_only)
         modules = ENCODE_MODULES if encode_only else None
         directory = params_dir(cache)
         ready = None
@@ -343,6 +340,12 @@ class Xcodec2Codec:
             specs = {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in inputs.items()}
             self._encode.precompile(params, specs)
         return len(shapes)
+
+    @property
+    def encode_only(self) -> bool:
+        """True when the params hold the encoder's weights alone (``from_pretrained(encode_only=True)``):
+        ``decode`` then raises."""
+        return self.params is not None and not set(self.params) - set(ENCODE_MODULES)
 
     @property
     def encode_params(self) -> dict:
