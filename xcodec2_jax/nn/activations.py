@@ -134,6 +134,7 @@ def _upsample_phases(
     act: Callable[[Array], Array] | None = None,
     extend: tuple[int, int] = (0, 0),
     short: bool = False,
+    lengths: Array | None = None,
 ) -> list[Array]:
     """act(upsampled x) as its `ratio` phases, each (B, extend[0] + T + extend[1], C).
 
@@ -150,6 +151,13 @@ def _upsample_phases(
     around the interior, had XLA copy the activation of those windows into each of the
     concatenations and fills that read them, a third of the encoder's compile time.
     ``short`` fuses the pads instead: for small inputs, whose graph is then simplest.
+
+    ``lengths`` (B,), not with ``short``: item b's phases on frames below lengths[b] are then those
+    of x[b, :lengths[b]] alone, and every later frame (the extension included) holds the item's last
+    upsampled sample (the last phase at frame lengths[b] - 1), which is the replicate padding the
+    item alone has there. x is held at its last valid frame as it is written into the padded
+    buffer, and the phases are selected as they are written into theirs: the same loops as
+    without lengths, plus one small gather for the item's last sample.
     """
     act = act or (lambda v: v)
     taps = _upsample_taps(ratio, kernel_size)
@@ -160,13 +168,27 @@ def _upsample_phases(
         padded = _extend(x, -lo, hi, x[:, :1], x[:, -1:])
         phases = [act(_slice_sum([(padded, pt)], -lo, t)) for pt in taps]
         return [_extend(p, e0, e1, phases[0][:, :1], phases[-1][:, -1:]) for p in phases]
+    tail = None
+    if lengths is not None:
+        # (B, 1, 1); empty items: unspecified
+        end = jnp.clip(jnp.asarray(lengths, jnp.int32), 1, t)[:, None, None]
+        rows = lax.broadcasted_iota(jnp.int32, (1, t, 1), 1)
+        # The last phase's taps at the item's frame end - 1, read with the item's replicate padding.
+        offsets = np.asarray([o for o, _ in taps[-1]], np.int32)
+        frames = jnp.clip(end[:, :, 0] - 1 + offsets[None, :], 0, end[:, :, 0] - 1)
+        window = jnp.take_along_axis(x, frames[:, :, None], axis=1, mode=_IN_BOUNDS)
+        last = act(_slice_sum([(window, [(i, coef) for i, (_, coef) in enumerate(taps[-1])])], 0, 1))
+        x = jnp.where(rows < end, x, jnp.take_along_axis(x, end - 1, axis=1, mode=_IN_BOUNDS))
+        tail = (rows < end, last)
     edges = _extend(lax.full((b, t, c), 0, x.dtype), -lo, hi, x[:, :1], x[:, -1:])
     padded = lax.dynamic_update_slice_in_dim(edges, x, -lo, axis=1)
     zeros = lax.full((b, e0 + t + e1, c), 0, x.dtype)
-    phases = [
-        lax.dynamic_update_slice_in_dim(zeros, act(_slice_sum([(padded, pt)], -lo, t)), e0, axis=1)
-        for pt in taps
-    ]
+    phases = []
+    for pt in taps:
+        phase = act(_slice_sum([(padded, pt)], -lo, t))
+        if tail is not None:
+            phase = jnp.where(tail[0], phase, tail[1])
+        phases.append(lax.dynamic_update_slice_in_dim(zeros, phase, e0, axis=1))
     fills = []
     if e0:
         fills.append((_broadcast_rows(phases[0][:, e0 : e0 + 1], e0), 0))
@@ -270,17 +292,16 @@ def anti_aliased(
     `short` (for small inputs) takes the simplest graph, see `_upsample_phases`.
     `lengths` (B,), optional: item b's first lengths[b] outputs are then those of x[b, :lengths[b]]
     run alone; both replicate pads are re-applied at that end. Later outputs are unspecified.
-    Only the upsampled frames within the filters' reach of an item's end differ from the plain
-    path, so those few are computed from a short window at each end and written over the plain
-    phases before the one downsampler (see `_exact_ends`): re-padding the full signal per item
-    measured 2.6x the plain encoder's time, and a second downsampling graph per activation for the
-    tails (the form before) nearly doubled the encoder's compile.
+    Both re-paddings ride on loops that run anyway (see `_upsample_phases`): x is held at the
+    item's last frame as it is written into the upsampler's padded buffer, and the phases take the
+    item's last upsampled sample past its end as they are written into theirs, so exact padding
+    adds no pass over the signal. (The form before patched a few frames at each item's end from a
+    separately upsampled window: the same results, a larger graph.)
     """
     taps = _downsample_taps(ratio, kernel_size)
     lo, hi = _span(taps)
     if lengths is not None and x.shape[1] > _TAIL_WINDOW:
-        phases = _upsample_phases(x, ratio, kernel_size, act, extend=(-lo, hi))
-        phases = _exact_ends(x, phases, lengths, ratio, kernel_size, act, (lo, hi))
+        phases = _upsample_phases(x, ratio, kernel_size, act, extend=(-lo, hi), lengths=lengths)
         return _slice_sum(list(zip(phases, taps, strict=True)), -lo, x.shape[1])
     if lengths is not None:
         x = hold_last(x, lengths)
@@ -296,71 +317,6 @@ def anti_aliased(
 
 # At or below this many frames `lengths` re-pads the whole (short) signal per item instead (`hold_last`).
 _TAIL_WINDOW = 32
-
-
-def _exact_ends(
-    x: Array,
-    phases: list[Array],
-    lengths: Array,
-    ratio: int,
-    kernel_size: int,
-    act: Callable[[Array], Array],
-    down_span: tuple[int, int],
-) -> list[Array]:
-    """The upsampled phases of x, extended by the downsampler's reach (``down_span`` = (lo, hi): frame
-    f at index f - lo), with the frames around each item's end made those of x[b, :lengths[b]] alone.
-
-    Only the frames within the upsampler's reach of the end (f >= e - reach) differ from the plain
-    phases; the downsampler then reads up to ``hi`` frames past the end, where the item alone has its
-    last upsampled sample repeated (the replicate pad). Both come from the upsampler run on the
-    item's last frames (a short window read with the item's own replicate padding), written over
-    the plain phases at each item's end: the plain phases, the downsampler and this window are
-    one graph, and exact padding adds a few small operations per activation, not a second path.
-    For an item shorter than the upsampler's reach the left extension (the replicate pad of the
-    first upsampled sample) is rewritten too.
-    """
-    up_lo, up_hi = _span(_upsample_taps(ratio, kernel_size))
-    d_lo, d_hi = down_span
-    # Phase frames rewritten: [end - up_hi, end + d_hi) needs changing; an item shorter than up_hi
-    # also needs its left extension [d_lo, 0), so a fixed block of `rows` ends at end + d_hi (or
-    # starts at d_lo). The x window ending at the end is wide enough for the block's first frame to
-    # see none of the window's own (artificial) left edge.
-    rows = up_hi + d_hi - d_lo
-    width = up_hi - up_lo - d_lo
-    # (B, 1); empty items: unspecified
-    end = jnp.clip(jnp.asarray(lengths, jnp.int32), 1, x.shape[1])[:, None]
-    # x[b] on frames [end - width, end), reading x[0] before 0 and x[end - 1] past the end.
-    frames = jnp.clip(end - width + jnp.arange(width)[None, :], 0, end - 1)
-    window = jnp.take_along_axis(x, frames[:, :, None], axis=1, mode=_IN_BOUNDS)
-    # Its upsampled phases (window index = frame - end + width), side by side.
-    n_phases = len(phases)
-    pre = jnp.concatenate(_upsample_phases(window, ratio, kernel_size, short=True), axis=1)
-    start = jnp.where(end > up_hi, end + d_hi - rows, d_lo)  # the block's first frame
-    f = jnp.tile(start + jnp.arange(rows)[None, :], (1, n_phases))  # (B, phases · rows)
-    phase = jnp.repeat(jnp.arange(n_phases), rows)[None, :]
-    # Past the end: the last phase's last sample; before 0 (short items): phase 0 at frame 0.
-    source = jnp.where(
-        f >= end,
-        n_phases * width - 1,
-        jnp.where(
-            f < 0,
-            jnp.clip(width - end, 0, width - 1),
-            phase * width + jnp.clip(f - end + width, 0, width - 1),
-        ),
-    )
-    # The activation on the window's phases, then one gather: the activation is not fused into
-    # (and repeated in) each phase's update below.
-    block = jnp.take_along_axis(act(pre), source[:, :, None], axis=1, mode=_IN_BOUNDS)
-    at = start[:, 0] - d_lo
-
-    def put(plain: Array, patch: Array) -> Array:
-        # Item b's patch at frame at[b], one update per item: a batched update (vmap) is a scatter,
-        # which XLA:CPU compiles to a far larger loop.
-        for b in range(plain.shape[0]):
-            plain = lax.dynamic_update_slice(plain, patch[b : b + 1].astype(plain.dtype), (b, at[b], 0))
-        return plain
-
-    return [put(plain, block[:, k * rows : (k + 1) * rows]) for k, plain in enumerate(phases)]
 
 
 class SnakeBeta(nn.Module):
