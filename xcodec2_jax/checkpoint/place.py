@@ -46,8 +46,10 @@ def model_paths(paths, stacks: Mapping[tuple[str, ...], int]) -> dict[tuple[str,
 
 
 def _block(itemsize: int) -> int:
-    # Rows per block: the transposed writes then fill whole 64-byte cache lines.
-    return max(8, 64 // itemsize)
+    # Rows per block: each transposed write then covers 256 bytes (four cache lines) of a
+    # destination row. Measured on the encoder's weights (1.77 GB, 2 cores): 64-byte blocks 1.5 CPU s,
+    # 256-byte 0.85-0.9, 512-byte 1.05-1.1, 1024-byte 1.3.
+    return max(8, 256 // itemsize)
 
 
 def copy_into(dst: np.ndarray, src: np.ndarray, perm: tuple[int, ...] | None) -> None:
