@@ -315,7 +315,7 @@ def anti_aliased(
     return _slice_sum(list(zip(phases, taps, strict=True)), -lo, x.shape[1])
 
 
-# At or below this many frames `lengths` re-pads the whole (short) signal per item instead (`hold_last`).
+# At or below this many frames `lengths` takes the short signal's graph (pads fused, `hold_last`).
 _TAIL_WINDOW = 32
 
 
