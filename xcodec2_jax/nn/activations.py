@@ -133,7 +133,6 @@ def _upsample_phases(
     kernel_size: int,
     act: Callable[[Array], Array] | None = None,
     extend: tuple[int, int] = (0, 0),
-    short: bool = False,
     lengths: Array | None = None,
 ) -> list[Array]:
     """act(upsampled x) as its `ratio` phases, each (B, extend[0] + T + extend[1], C).
@@ -150,9 +149,8 @@ def _upsample_phases(
     computed the few frames next to each end from two small windows and concatenated them
     around the interior, had XLA copy the activation of those windows into each of the
     concatenations and fills that read them, a third of the encoder's compile time.
-    ``short`` fuses the pads instead: for small inputs, whose graph is then simplest.
 
-    ``lengths`` (B,), not with ``short``: item b's phases on frames below lengths[b] are then those
+    ``lengths`` (B,): item b's phases on frames below lengths[b] are then those
     of x[b, :lengths[b]] alone, and every later frame (the extension included) holds the item's last
     upsampled sample (the last phase at frame lengths[b] - 1), which is the replicate padding the
     item alone has there. x is held at its last valid frame as it is written into the padded
@@ -164,22 +162,17 @@ def _upsample_phases(
     lo, hi = _span(taps)
     b, t, c = x.shape
     e0, e1 = extend
-    if short:
-        padded = _extend(x, -lo, hi, x[:, :1], x[:, -1:])
-        phases = [act(_slice_sum([(padded, pt)], -lo, t)) for pt in taps]
-        return [_extend(p, e0, e1, phases[0][:, :1], phases[-1][:, -1:]) for p in phases]
     tail = None
     if lengths is not None:
-        # (B, 1, 1); empty items: unspecified
-        end = jnp.clip(jnp.asarray(lengths, jnp.int32), 1, t)[:, None, None]
-        rows = lax.broadcasted_iota(jnp.int32, (1, t, 1), 1)
+        # (B, 1); empty items: unspecified
+        end = jnp.clip(jnp.asarray(lengths, jnp.int32), 1, t)[:, None]
         # The last phase's taps at the item's frame end - 1, read with the item's replicate padding.
         offsets = np.asarray([o for o, _ in taps[-1]], np.int32)
-        frames = jnp.clip(end[:, :, 0] - 1 + offsets[None, :], 0, end[:, :, 0] - 1)
+        frames = jnp.clip(end - 1 + offsets[None, :], 0, end - 1)
         window = jnp.take_along_axis(x, frames[:, :, None], axis=1, mode=_IN_BOUNDS)
         last = act(_slice_sum([(window, [(i, coef) for i, (_, coef) in enumerate(taps[-1])])], 0, 1))
-        x = jnp.where(rows < end, x, jnp.take_along_axis(x, end - 1, axis=1, mode=_IN_BOUNDS))
-        tail = (rows < end, last)
+        tail = (lax.broadcasted_iota(jnp.int32, (1, t, 1), 1) < end[:, :, None], last)
+        x = hold_last(x, end[:, 0])
     edges = _extend(lax.full((b, t, c), 0, x.dtype), -lo, hi, x[:, :1], x[:, -1:])
     padded = lax.dynamic_update_slice_in_dim(edges, x, -lo, axis=1)
     zeros = lax.full((b, e0 + t + e1, c), 0, x.dtype)
@@ -280,7 +273,6 @@ def anti_aliased(
     ratio: int = 2,
     kernel_size: int = 12,
     lengths: Array | None = None,
-    short: bool = False,
 ) -> Array:
     """Reference `Xcodec2AntiAliasedActivation1d` with equal up/down ratios and kernels, fused.
 
@@ -289,7 +281,6 @@ def anti_aliased(
     phases come already extended by the downsampler's replicate pad, so the output is a single
     loop over unpadded slices.
 
-    `short` (for small inputs) takes the simplest graph, see `_upsample_phases`.
     `lengths` (B,), optional: item b's first lengths[b] outputs are then those of x[b, :lengths[b]]
     run alone; both replicate pads are re-applied at that end. Later outputs are unspecified.
     Both re-paddings ride on loops that run anyway (see `_upsample_phases`): x is held at the
@@ -300,23 +291,8 @@ def anti_aliased(
     """
     taps = _downsample_taps(ratio, kernel_size)
     lo, hi = _span(taps)
-    if lengths is not None and x.shape[1] > _TAIL_WINDOW:
-        phases = _upsample_phases(x, ratio, kernel_size, act, extend=(-lo, hi), lengths=lengths)
-        return _slice_sum(list(zip(phases, taps, strict=True)), -lo, x.shape[1])
-    if lengths is not None:
-        x = hold_last(x, lengths)
-    phases = _upsample_phases(x, ratio, kernel_size, act, extend=(-lo, hi), short=short)
-    if lengths is not None:
-        # The item's upsampled signal ends with the last phase's frame lengths - 1.
-        rows = lax.broadcasted_iota(jnp.int32, (1, phases[0].shape[1], 1), 1)
-        end = (jnp.asarray(lengths, jnp.int32) - lo)[:, None, None]
-        last = jnp.take_along_axis(phases[-1], end - 1, axis=1, mode=_IN_BOUNDS)
-        phases = [jnp.where(rows < end, p, last) for p in phases]
+    phases = _upsample_phases(x, ratio, kernel_size, act, extend=(-lo, hi), lengths=lengths)
     return _slice_sum(list(zip(phases, taps, strict=True)), -lo, x.shape[1])
-
-
-# At or below this many frames `lengths` takes the short signal's graph (pads fused, `hold_last`).
-_TAIL_WINDOW = 32
 
 
 class SnakeBeta(nn.Module):
