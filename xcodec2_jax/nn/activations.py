@@ -142,13 +142,16 @@ def _upsample_phases(
 
     x is replicate-padded into a buffer written by a dynamic_update_slice, each phase is one loop
     over unpadded slices of that buffer, written into its extended buffer by another, and the
-    extensions are then copied from the built phases. That form matters on XLA:CPU (measured):
+    extensions (two single samples, each computed from its few frames of x) are written over
+    its ends. That form matters on XLA:CPU (measured):
     a pad fused into the filter loop costs ~10x, and the update-slices are what make XLA
     materialise the padded input and act(phase) once instead of fusing (and recomputing) them
     into every tap that reads them. It also keeps the graph small: the form before, which
     computed the few frames next to each end from two small windows and concatenated them
     around the interior, had XLA copy the activation of those windows into each of the
-    concatenations and fills that read them, a third of the encoder's compile time.
+    concatenations and fills that read them, a third of the encoder's compile time; and
+    extensions sliced from the built phases had XLA fuse a whole phase into each extension's
+    fill.
 
     ``lengths`` (B,): item b's phases on frames below lengths[b] are then those
     of x[b, :lengths[b]] alone, and every later frame (the extension included) holds the item's last
@@ -162,7 +165,7 @@ def _upsample_phases(
     lo, hi = _span(taps)
     b, t, c = x.shape
     e0, e1 = extend
-    tail = None
+    inside = None
     if lengths is not None:
         # (B, 1); empty items: unspecified
         end = jnp.clip(jnp.asarray(lengths, jnp.int32), 1, t)[:, None]
@@ -171,7 +174,7 @@ def _upsample_phases(
         frames = jnp.clip(end - 1 + offsets[None, :], 0, end - 1)
         window = jnp.take_along_axis(x, frames[:, :, None], axis=1, mode=_IN_BOUNDS)
         last = act(_slice_sum([(window, [(i, coef) for i, (_, coef) in enumerate(taps[-1])])], 0, 1))
-        tail = (lax.broadcasted_iota(jnp.int32, (1, t, 1), 1) < end[:, :, None], last)
+        inside = lax.broadcasted_iota(jnp.int32, (1, t, 1), 1) < end[:, :, None]
         x = hold_last(x, end[:, 0])
     edges = _extend(lax.full((b, t, c), 0, x.dtype), -lo, hi, x[:, :1], x[:, -1:])
     padded = lax.dynamic_update_slice_in_dim(edges, x, -lo, axis=1)
@@ -179,20 +182,33 @@ def _upsample_phases(
     phases = []
     for pt in taps:
         phase = act(_slice_sum([(padded, pt)], -lo, t))
-        if tail is not None:
-            phase = jnp.where(tail[0], phase, tail[1])
+        if inside is not None:
+            phase = jnp.where(inside, phase, last)
         phases.append(lax.dynamic_update_slice_in_dim(zeros, phase, e0, axis=1))
+    # The extensions: the interleaved signal's first sample (phase 0 at frame 0) on the left, its
+    # last one on the right. Without lengths they are sliced from the built phases. With lengths
+    # that made XLA fuse a whole phase's filter, activation and select into each extension's fill
+    # (28% more of the acoustic encoder's HLO, 10% more compile time), so there each is computed
+    # from its own few frames of x (held: frames past an item's end read its last one); without
+    # lengths that form compiled slower (measured, 1.8 -> 2.1 s for the acoustic encoder).
     fills = []
     if e0:
-        fills.append((_broadcast_rows(phases[0][:, e0 : e0 + 1], e0), 0))
+        first = act(_frame_sum(x, taps[0], 0)) if inside is not None else phases[0][:, e0 : e0 + 1]
+        fills.append((_broadcast_rows(first, e0), 0))
     if e1:
-        fills.append((_broadcast_rows(phases[-1][:, e0 + t - 1 : e0 + t], e1), e0 + t))
-    out = []
-    for phase in phases:
+        right = last if inside is not None else phases[-1][:, e0 + t - 1 : e0 + t]
+        fills.append((_broadcast_rows(right, e1), e0 + t))
+    for i, phase in enumerate(phases):
         for fill, at in fills:
             phase = lax.dynamic_update_slice_in_dim(phase, fill, at, axis=1)
-        out.append(phase)
-    return out
+        phases[i] = phase
+    return phases
+
+
+def _frame_sum(x: Array, taps: Taps, frame: int) -> Array:
+    """(B, 1, C): sum of coef · x[:, frame + offset] over the taps, x replicate-padded."""
+    frames = np.clip([frame + o for o, _ in taps], 0, x.shape[1] - 1).tolist()
+    return _slice_sum([(x, [(f, coef) for f, (_, coef) in zip(frames, taps, strict=True)])], 0, 1)
 
 
 def upsample1d(x: Array, ratio: int = 2, kernel_size: int | None = None) -> Array:
