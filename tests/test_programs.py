@@ -182,3 +182,34 @@ print("RESULT " + json.dumps({"out": np.asarray(out).tolist(), "again": np.asarr
     env["PYTHONPATH"] = REPO
     result = run_python(code, [str(tmp_path / "programs")], env, "RESULT ", TIMEOUT_S)
     assert result["out"] == result["again"] == [1.0, 4.0, 7.0, 10.0]
+
+
+def test_read_back_program_skips_lapack_init_only_when_it_calls_none(tmp_path):
+    """Lowering a read-back program whose module calls no LAPACK kernel does not import scipy (JAX
+    initializes its CPU LAPACK kernels from scipy.linalg for any exported call); one that does call
+    LAPACK (a Cholesky factorization) still gets its kernels and the right result, in a fresh
+    process that has not initialized them otherwise."""
+    code = r"""
+import json, sys
+import numpy as np, jax, jax.numpy as jnp
+from xcodec2_jax import programs
+kind = sys.argv[2]
+if kind == "plain":
+    fn = lambda x: jnp.tanh(x) * 2
+else:
+    fn = lambda x: jnp.linalg.cholesky(x @ x.T + 4 * jnp.eye(3))
+f = programs.cached_jit(fn, "test", kind, sys.argv[1])
+x = np.arange(9, dtype=np.float32).reshape(3, 3) / 10
+out = np.asarray(f(x))
+print("RESULT " + json.dumps({"out": out.tolist(), "scipy": "scipy.linalg" in sys.modules}))
+"""
+    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=REPO)
+    folder = str(tmp_path / "programs")
+    x = np.arange(9, dtype=np.float32).reshape(3, 3) / 10
+    cases = [("plain", np.tanh(x) * 2), ("lapack", np.linalg.cholesky(x @ x.T + 4 * np.eye(3)))]
+    for kind, expected in cases:
+        first = run_python(code, [folder, kind], env, "RESULT ", TIMEOUT_S)  # traced and kept
+        again = run_python(code, [folder, kind], env, "RESULT ", TIMEOUT_S)  # read back
+        for result in (first, again):
+            np.testing.assert_allclose(np.asarray(result["out"]), expected, rtol=1e-5, atol=1e-6)
+        assert again["scipy"] is (kind == "lapack")

@@ -18,16 +18,23 @@ compiler frees it; the process then runs the program with that heap and the weig
 resident. A compilation of one of these programs (or its load from the compilation cache) is
 therefore followed by ``malloc_trim`` (glibc; elsewhere nothing), which hands the freed heap back
 to the OS before the program first runs.
+
+Lowering the call to a read-back program makes JAX initialize its CPU LAPACK kernels, in case the
+program calls them; that imports ``scipy.linalg`` (0.1-0.2 s under the GIL, on the way to every
+first encode of a process). A program whose module names no LAPACK kernel (the codec's never do)
+is lowered without that step; any other lowering, in this process, is left as JAX does it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import os
 import tempfile
 import threading
 import warnings
+import weakref
 from collections.abc import Callable
 from typing import Any
 
@@ -35,6 +42,8 @@ PROGRAMS_DIR = "xcodec2_jax_programs"
 # JAX's monitoring event recorded right after each backend compilation (or compilation cache load).
 _COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"
 _calling = threading.local()  # set while a cached_jit program is being called on this thread
+# Programs read back or exported whose modules call no LAPACK kernel (see the module's docstring).
+_LAPACK_FREE: weakref.WeakSet = weakref.WeakSet()
 
 
 @functools.cache
@@ -104,11 +113,8 @@ def cached_jit(
 
     def call(*args):
         program = program_for(_signature(args), args)
-        _calling.active = True
-        try:
+        with _running(program):
             return program(*args)
-        finally:
-            _calling.active = False
 
     def precompile(*specs) -> None:
         """Compile (or load from the compilation cache) the program for arguments shaped like
@@ -120,11 +126,8 @@ def cached_jit(
             if isinstance(calls.get(signature), _Compiled):
                 return
             program = resolve(signature, specs)
-            _calling.active = True
-            try:
+            with _running(program):
                 compiled = program.trace(*specs).lower().compile()
-            finally:
-                _calling.active = False
             calls[signature] = _Compiled(compiled, program, lambda: calls.__setitem__(signature, program))
 
     # As jax.jit's: how many executables the function holds, one per argument signature here.
@@ -154,6 +157,48 @@ class _Compiled:
             return self.program(*args)
         self.checked = True
         return out
+
+
+@contextlib.contextmanager
+def _running(program: Callable):
+    """Marks this thread as calling (or compiling) one of our programs, for ``_after_compile`` and
+    ``_ensure_backends_initialized``."""
+    _calling.active, _calling.lapack_free = True, program in _LAPACK_FREE
+    try:
+        yield
+    finally:
+        _calling.active = _calling.lapack_free = False
+
+
+@functools.cache
+def _skip_lapack_init_for_our_programs() -> None:
+    """Wrap jax.export's hook that initializes the CPU LAPACK kernels before lowering a call to an
+    exported module: skipped while a program of ``_LAPACK_FREE`` is lowered on this thread. A JAX
+    without that hook (it is private) keeps its behaviour and the import."""
+    try:
+        from jax._src.export import _export
+
+        ensure = _export._ensure_backends_initialized
+    except (ImportError, AttributeError):
+        return
+
+    def ensure_unless_lapack_free(platforms, *args, **kwargs):
+        if not getattr(_calling, "lapack_free", False):
+            return ensure(platforms, *args, **kwargs)
+        return None
+
+    _export._ensure_backends_initialized = ensure_unless_lapack_free
+
+
+def _call_program(exported, compiler_options) -> Callable:
+    import jax
+
+    program = jax.jit(exported.call, compiler_options=compiler_options)
+    # A LAPACK custom call names its kernel (lapack_sgetrf_ffi...) in the serialized module.
+    if b"lapack" not in exported.mlir_module_serialized:
+        _skip_lapack_init_for_our_programs()
+        _LAPACK_FREE.add(program)
+    return program
 
 
 @functools.cache
@@ -196,7 +241,7 @@ def _load_or_export(jitted, name, key, directory, signature, args, compiler_opti
         try:
             with open(path, "rb") as f:
                 exported = export.deserialize(bytearray(f.read()))
-            return jax.jit(exported.call, compiler_options=compiler_options)
+            return _call_program(exported, compiler_options)
         except Exception as e:  # a truncated or foreign file: export it again
             warnings.warn(f"re-tracing {name}: cannot read {path} ({type(e).__name__}: {e})", stacklevel=3)
     specs = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), args)
@@ -208,4 +253,4 @@ def _load_or_export(jitted, name, key, directory, signature, args, compiler_opti
         os.replace(f.name, path)  # complete or absent, never half-written
     except OSError as e:
         warnings.warn(f"cannot keep the traced {name} in {directory} ({e})", stacklevel=3)
-    return jax.jit(exported.call, compiler_options=compiler_options)
+    return _call_program(exported, compiler_options)
