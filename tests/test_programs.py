@@ -164,6 +164,45 @@ def test_precompiled_program_runs_without_compiling(tmp_path, monkeypatch, kept)
     assert len(seen) == 2 and f._cache_size() == 1
 
 
+@pytest.mark.parametrize("kept", [True, False])
+def test_call_during_precompile_waits_instead_of_compiling_again(tmp_path, monkeypatch, kept):
+    """A call made while precompile is compiling its signature (on another thread) waits for that
+    compilation and uses it: one compilation in all, not one per thread."""
+    import threading
+
+    import jax
+    import jax.numpy as jnp
+
+    compiling, release = threading.Event(), threading.Event()
+    compile_lowered = jax.stages.Lowered.compile
+
+    def held_compile(self, *args, **kwargs):
+        compiling.set()
+        assert release.wait(60)
+        return compile_lowered(self, *args, **kwargs)
+
+    monkeypatch.setattr(jax.stages.Lowered, "compile", held_compile)
+    f = programs.cached_jit(
+        lambda x: jnp.cos(x) * 3, "test", f"race-{kept}", str(tmp_path / "programs") if kept else None
+    )
+    seen = _compilations()
+    x = np.arange(6, dtype=np.float32)
+    ahead = threading.Thread(target=f.precompile, args=(jax.ShapeDtypeStruct(x.shape, x.dtype),))
+    ahead.start()
+    assert compiling.wait(60)
+    out = []
+    caller = threading.Thread(target=lambda: out.append(np.asarray(f(x))))
+    caller.start()
+    caller.join(timeout=1.0)
+    assert caller.is_alive()  # waiting for the compilation in flight
+    release.set()
+    ahead.join(timeout=120)
+    caller.join(timeout=120)
+    assert not ahead.is_alive() and not caller.is_alive()
+    np.testing.assert_allclose(out[0], np.cos(x) * 3, rtol=1e-6)
+    assert len(seen) == 1 and f._cache_size() == 1
+
+
 def test_precompiled_program_falls_back_when_placed_elsewhere(tmp_path):
     """Arguments on another device than the specs said: the jitted program runs instead."""
     code = r"""

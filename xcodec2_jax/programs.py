@@ -93,15 +93,17 @@ def cached_jit(
     calls: dict[str, Callable] = {}
     lock = threading.Lock()  # held while a program is resolved or compiled ahead
 
+    def _make(signature: str, args) -> Callable:
+        # With the lock held: the signature's program, traced (or read back).
+        if directory is None:
+            return jitted
+        return _load_or_export(jitted, name, key, directory, signature, args, compiler_options)
+
     def resolve(signature: str, args) -> Callable:
-        # With the lock held: the signature's program, traced (or read back) the first time.
+        # With the lock held: the signature's program, made the first time.
         program = calls.get(signature)
         if program is None:
-            program = calls[signature] = (
-                jitted
-                if directory is None
-                else _load_or_export(jitted, name, key, directory, signature, args, compiler_options)
-            )
+            program = calls[signature] = _make(signature, args)
         return program
 
     def program_for(signature: str, args) -> Callable:
@@ -120,12 +122,15 @@ def cached_jit(
         """Compile (or load from the compilation cache) the program for arguments shaped like
         ``specs`` (``jax.ShapeDtypeStruct`` s, with the shardings the real arguments will have), so
         that the first call with such arguments runs at once. Safe on another thread: a call with
-        that signature meanwhile waits for it."""
+        that signature meanwhile waits for it (the program is stored only once compiled; stored
+        before, it let such a call compile it a second time)."""
         signature = _signature(specs)
         with lock:
-            if isinstance(calls.get(signature), _Compiled):
+            program = calls.get(signature)
+            if isinstance(program, _Compiled):
                 return
-            program = resolve(signature, specs)
+            if program is None:
+                program = _make(signature, specs)
             with _running(program):
                 compiled = program.trace(*specs).lower().compile()
             calls[signature] = _Compiled(compiled, program, lambda: calls.__setitem__(signature, program))
