@@ -113,6 +113,7 @@ class _Arena:
         self.mapped = None
         if file is not None:
             self.buffer = self.mapped = np.memmap(file, np.uint8, mode="w+", shape=(max(total, 1),))
+            _no_readahead(self.mapped)
         elif buffer is not None and buffer.size >= total:
             self.buffer = buffer
         else:
@@ -133,6 +134,20 @@ class _Arena:
         end = (self.offsets[path] + _nbytes(self.specs[path])) // page * page
         if end > start:
             mm.madvise(mmap.MADV_DONTNEED, start, end - start)
+
+
+def _no_readahead(mapped: np.memmap) -> None:
+    """Page faults on this (new, sparse) file mapping read one page, not ahead.
+
+    The copies write the file through the mapping; each first write to a page faults it in, and with
+    readahead the kernel allocates large page-cache folios for the file's holes and zero-fills them.
+    On a virtual machine whose host has taken back the guest's free memory, those high-order
+    allocations cost far more than single pages (perf of a slow first-ever ``xcodec2-jax encode``:
+    38% of its CPU samples in that zero-filling; system time 4.9-8.2 s in two of three runs after
+    the torch script, against 2.4-2.5 s in all three with MADV_RANDOM)."""
+    mm = getattr(mapped, "_mmap", None)
+    if mm is not None and hasattr(mm, "madvise") and hasattr(mmap, "MADV_RANDOM"):
+        mm.madvise(mmap.MADV_RANDOM)
 
 
 def _fill(buf: np.ndarray, items, placed) -> None:
