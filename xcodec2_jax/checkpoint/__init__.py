@@ -198,32 +198,42 @@ def load_prepared(
 
 
 def _load(path: str, inspected, config, dtype, placement, file: str | None = None, modules=None):
-    """The params (of ``modules`` only, if given); with ``file`` (safetensors formats), written into
-    that file, mapped. The strict check covers the whole checkpoint either way."""
+    """The params (of ``modules`` only, if given); with ``file``, written into that file, mapped. The
+    strict check covers the whole checkpoint either way."""
     from ..model import checkpoint_shapes, scanned_layers
     from .io import populated_buffer
-    from .orbax import restore
+    from .orbax import open_arrays, reads_whole_arrays, restore_sharded, stacks_for, stored_metadata
     from .place import assemble, host_bytes, stays_on_host
     from .transformers import UNUSED_KEYS, map_state
 
     fmt, index = inspected
     if fmt == "orbax":
-        return restore(path, config, dtype=dtype, placement=placement, modules=modules)
-    tensors = TensorReader().tensors(index)
-    if fmt == "original":
-        tensors = to_transformers(tensors)
-    tensors = {k: v for k, v in tensors.items() if k not in UNUSED_KEYS}
+        stored = stored_metadata(path)
+        if not reads_whole_arrays(placement):
+            return restore_sharded(path, config, stored, dtype=dtype, placement=placement, modules=modules)
+        wanted = {p: v for p, v in stored.arrays.items() if modules is None or p[0] in modules}
+        # Opened by tensorstore's threads while the model is traced below.
+        tensors = needed = open_arrays(path, stored._replace(arrays=wanted))
+    else:
+        tensors = TensorReader().tensors(index)
+        if fmt == "original":
+            tensors = to_transformers(tensors)
+        tensors = {k: v for k, v in tensors.items() if k not in UNUSED_KEYS}
+        needed = tensors if modules is None else _in_modules(tensors, modules)
+        needed = {torch_key_to_path(k): v for k, v in needed.items()}
     # The host buffer is populated on another thread while the model is traced for its shapes.
     with ThreadPoolExecutor(1) as pool:
         on_host = stays_on_host(placement) and file is None
-        needed = tensors if modules is None else _in_modules(tensors, modules)
         buffer = pool.submit(populated_buffer, host_bytes(needed, dtype)) if on_host else None
-        expected = checkpoint_shapes(config)
+        if fmt == "orbax":
+            stacks = stacks_for(stored.arrays, config, path)
+            placed = {p: (t, None) for p, t in tensors.items()}
+        else:
+            stacks = scanned_layers(config)
+            placed = map_state(tensors, checkpoint_shapes(config), source=f"checkpoint {path!r}")
+            if modules is not None:
+                placed = {p: v for p, v in placed.items() if p[0] in modules}
         buffer = None if buffer is None else buffer.result()
-    placed = map_state(tensors, expected, source=f"checkpoint {path!r}")
-    if modules is not None:
-        placed = {p: v for p, v in placed.items() if p[0] in modules}
-    stacks = scanned_layers(config)
     return assemble(placed, stacks, dtype=dtype, placement=placement, buffer=buffer, file=file)
 
 

@@ -152,15 +152,21 @@ class Tensor:
     keep it); ``release()`` says the loader is done with it, so its pages can leave the process.
     """
 
-    __slots__ = ("shape", "dtype", "_load", "_release")
+    __slots__ = ("shape", "dtype", "_load", "_release", "_read_into")
 
     def __init__(
-        self, shape, dtype, load: Callable[[], np.ndarray], release: Callable[[], None] | None = None
+        self,
+        shape,
+        dtype,
+        load: Callable[[], np.ndarray],
+        release: Callable[[], None] | None = None,
+        read_into: Callable[[np.ndarray], None] | None = None,
     ):
         self.shape = tuple(shape)
         self.dtype = np.dtype(dtype)
         self._load = load
         self._release = release
+        self._read_into = read_into
 
     @classmethod
     def of(cls, value: Any) -> Tensor:
@@ -170,6 +176,14 @@ class Tensor:
 
     def load(self) -> np.ndarray:
         return self._load()
+
+    def read_into(self, dst: np.ndarray) -> bool:
+        """Write the tensor, cast to ``dst``'s dtype, straight into ``dst`` (of its shape) if it has a
+        reader that can, without holding it whole anywhere else; False, writing nothing, if not."""
+        if self._read_into is None or tuple(dst.shape) != self.shape:
+            return False
+        self._read_into(dst)
+        return True
 
     def release(self) -> None:
         if self._release is not None:

@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 
 from .io import Tensor, aligned_empty, flatten, padded_size, populated_buffer, unflatten
-from .transformers import path_to_torch_key, torch_key_to_path
+from .transformers import path_to_torch_key
 
 _LAYER = re.compile(r"layers_(\d+)")
 
@@ -153,21 +153,23 @@ def _no_readahead(mapped: np.memmap) -> None:
 def _fill(buf: np.ndarray, items, placed) -> None:
     for i, path in items:
         value, perm = placed[path]
-        array = value.load() if isinstance(value, Tensor) else np.asarray(value)
-        copy_into(buf if i is None else buf[i], array, perm)
-        del array
+        dst = buf if i is None else buf[i]
+        if not (perm is None and isinstance(value, Tensor) and value.read_into(dst)):
+            array = value.load() if isinstance(value, Tensor) else np.asarray(value)
+            copy_into(dst, array, perm)
+            del array
         if isinstance(value, Tensor):
             value.release()
 
 
-def host_bytes(tensors: Mapping[str, Any], dtype: Any = None) -> int:
-    """The arena that ``assemble`` carves for these transformers-named tensors (all of them placed),
-    or a little more (its padding is per parameter, this per tensor)."""
+def host_bytes(tensors: Mapping[tuple[str, ...], Any], dtype: Any = None) -> int:
+    """The arena that ``assemble`` carves for these tensors (keyed by checkpoint path, all of them
+    placed), or a little more (its padding is per parameter, this per tensor)."""
     from ..model import keeps_float32
 
     total = 0
-    for key, t in tensors.items():
-        target = dtype if dtype is None or not keeps_float32(torch_key_to_path(key)) else np.float32
+    for path, t in tensors.items():
+        target = dtype if dtype is None or not keeps_float32(path) else np.float32
         total += padded_size(
             int(np.prod(t.shape, dtype=np.int64)) * _out_dtype(np.dtype(t.dtype), target).itemsize
         )
