@@ -5,7 +5,8 @@
 Each run warms the page cache (reads the files once), then starts a fresh Python that imports
 ``xcodec2_jax``, records its RSS, loads the checkpoint (``load_checkpoint(path, device=...)``, or to
 host numpy with ``--mode host``), waits for every array, and reports the load time, the time of
-``model.checkpoint_shapes`` (the model trace the strict check needs) within it, the CPU seconds
+the model trace for the parameters' shapes, which the strict check needs, within it
+(``model._abstract_params``, or ``model.checkpoint_shapes`` in older checkouts), the CPU seconds
 (user + system: on a machine shared with other work, the wall time says little), the peak RSS
 (``ru_maxrss``) and the checkpoint's size. ``--pythonpath`` runs another checkout of the library
 (e.g. an older commit, for a before/after). ``--params-cache DIR`` loads as ``Xcodec2Codec`` does,
@@ -29,15 +30,16 @@ from xcodec2_jax import load_checkpoint
 import xcodec2_jax.model as model
 rss_imports = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 trace = [0.0]
-if hasattr(model, "checkpoint_shapes"):
-    original = model.checkpoint_shapes
+name = "_abstract_params" if hasattr(model, "_abstract_params") else "checkpoint_shapes"
+if hasattr(model, name):
+    original = getattr(model, name)
     def timed(config):
         t = time.perf_counter()
         try:
             return original(config)
         finally:
             trace[0] += time.perf_counter() - t
-    model.checkpoint_shapes = timed
+    setattr(model, name, timed)
 def cpu():
     u = resource.getrusage(resource.RUSAGE_SELF)
     return u.ru_utime + u.ru_stime
@@ -56,7 +58,7 @@ jax.block_until_ready(params)
 seconds, cpu_seconds = time.perf_counter() - start, cpu() - cpu_start
 leaves = jax.tree.leaves(params)
 print(json.dumps(dict(
-    seconds=seconds, cpu_seconds=cpu_seconds, checkpoint_shapes_s=trace[0],
+    seconds=seconds, cpu_seconds=cpu_seconds, trace_s=trace[0],
     load_average=os.getloadavg()[0], cores=os.cpu_count(),
     peak_rss=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
     rss_after_imports=rss_imports, param_bytes=sum(x.size * x.dtype.itemsize for x in leaves),
@@ -127,7 +129,7 @@ def main(argv=None) -> int:
             print(
                 f"{path} ({'params cache' if args.params_cache else args.mode}): {r['seconds']:.2f} s, "
                 f"{r['cpu_seconds']:.2f} CPU s "
-                f"(checkpoint_shapes {r['checkpoint_shapes_s']:.2f} s), "
+                f"(model trace {r['trace_s']:.2f} s), "
                 f"peak RSS {r['peak_rss'] / 1e9:.2f} GB = {r['rss_over_checkpoint']:.2f} x checkpoint "
                 f"{r['checkpoint_bytes'] / 1e9:.2f} GB "
                 f"(after imports {r['rss_after_imports'] / 1e9:.2f} GB); "

@@ -150,3 +150,17 @@ def test_bench_cli_rows_and_codes(tmp_path):
     assert codec["codes_agreement"] == 1.0 and codec["load_s"] > 0 and codec["first_run_s"] > 0
     assert codec["speedup_vs_torch"] > 0 and codec["compilation_cache_dir"]
     assert rows["codec_encode", "torch"]["load_s"] > 0
+
+
+def test_bench_load_measures_each_format_in_a_fresh_process(small_ref, tmp_path):
+    from benchmarks import bench_load
+    from xcodec2_jax.checkpoint import save_orbax
+
+    save_orbax(tmp_path / "orbax", small_ref.params, small_ref.config)
+    for path in (small_ref.path, str(tmp_path / "orbax")):
+        row = bench_load.measure(path)
+        assert row["seconds"] > 0 and row["cpu_seconds"] > 0, row
+        # The model is traced once for the strict check, whatever the format, and timed within.
+        assert 0 < row["trace_s"] < row["seconds"], row
+        assert row["leaf_type"] == "ArrayImpl" and row["param_bytes"] > 0, row
+        assert row["peak_rss"] >= row["rss_after_imports"] > 0, row
