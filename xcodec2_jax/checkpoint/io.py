@@ -250,9 +250,6 @@ def aligned_empty(shape: tuple[int, ...], dtype: Any, alignment: int = 64) -> np
     return raw[offset : offset + nbytes].view(dtype).reshape(shape)
 
 
-_POPULATE_STEP = 8 << 20
-
-
 def populated_buffer(nbytes: int) -> np.ndarray:
     """A fresh, page-aligned, writable ``uint8`` buffer of ``nbytes``, its pages already in place.
 
@@ -271,13 +268,7 @@ def populated_buffer(nbytes: int) -> np.ndarray:
 
         madvise = ctypes.CDLL(None, use_errno=True).madvise
         madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
-        # In steps: one call holds the process's memory-map lock until it returns, and every mmap
-        # (the interpreter's own arenas included) of the model trace running beside it waits for the
-        # lock. 2.5 GB in one call stalled the full model's trace from 0.6 to 1.3-1.4 s; in 8 MB
-        # steps 0.8-1.0 s (2-core VM).
-        advice = getattr(mmap, "MADV_POPULATE_WRITE", 23)
-        for start in range(0, nbytes, _POPULATE_STEP):
-            madvise(buffer.ctypes.data + start, min(_POPULATE_STEP, nbytes - start), advice)
+        madvise(buffer.ctypes.data, nbytes, getattr(mmap, "MADV_POPULATE_WRITE", 23))
     except (OSError, AttributeError):  # no libc madvise here: pages fault in on first write instead
         pass
     return buffer
