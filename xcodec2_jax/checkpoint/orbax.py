@@ -185,16 +185,15 @@ def _groups(specs: Mapping[tuple[str, ...], Any], limit: int) -> list[list[tuple
     return groups
 
 
-def _restore_in_groups(target: str, expected: Mapping, shardings: Mapping | None) -> dict[str, Any]:
+def _restore_in_groups(target: str, expected: Mapping, shardings: Mapping) -> dict[str, Any]:
     """Every array of the checkpoint at ``target`` (model layout), restored a group of at most
-    ``RESTORE_GROUP_BYTES`` at a time: jax.Arrays placed by ``shardings``, or numpy arrays.
+    ``RESTORE_GROUP_BYTES`` at a time: jax.Arrays placed by ``shardings``.
 
     In one call Orbax reads every array at once, and tensorstore holds each one's file bytes beside
     its destination until it is copied: peak RSS 1.5-1.6x the checkpoint for the full model. A group
     at a time (the biggest arrays first, and the freed heap handed back after each) bounds that to
     the last groups' bytes, which are small."""
     import jax
-    import numpy as np
     import orbax.checkpoint as ocp
 
     from ..programs import _malloc_trim
@@ -203,20 +202,16 @@ def _restore_in_groups(target: str, expected: Mapping, shardings: Mapping | None
     trim = _malloc_trim()
 
     def restore_group(group):
-        if shardings is None:
-            item = {p: expected[p] for p in group}
-            args = {p: ocp.RestoreArgs(restore_type=np.ndarray) for p in group}
-        else:
-            item = {
-                p: jax.ShapeDtypeStruct(expected[p].shape, expected[p].dtype, sharding=shardings[p])
-                for p in group
-            }
-            args = {
-                p: ocp.ArrayRestoreArgs(
-                    sharding=shardings[p], global_shape=expected[p].shape, dtype=expected[p].dtype
-                )
-                for p in group
-            }
+        item = {
+            p: jax.ShapeDtypeStruct(expected[p].shape, expected[p].dtype, sharding=shardings[p])
+            for p in group
+        }
+        args = {
+            p: ocp.ArrayRestoreArgs(
+                sharding=shardings[p], global_shape=expected[p].shape, dtype=expected[p].dtype
+            )
+            for p in group
+        }
         request = ocp.args.PyTreeRestore(
             item=unflatten(item), restore_args=unflatten(args), partial_restore=True
         )
