@@ -55,7 +55,7 @@ import numpy as np
 import soundfile as sf
 import torch
 from transformers import Xcodec2Model
-from xcodec2_jax.features import Xcodec2FeatureExtractor
+from xcodec2_jax.modeling.features import Xcodec2FeatureExtractor
 
 wav, out, checkpoint = sys.argv[1:4]
 torch.set_num_threads(os.cpu_count())
@@ -66,7 +66,7 @@ with torch.inference_mode():
     codes = model.encode(**inputs).audio_codes
 np.save(out, codes[0, 0].numpy().astype(np.int32))
 """
-EXTRACTOR_IMPORT = "import numpy, soundfile; from xcodec2_jax.features import Xcodec2FeatureExtractor"
+EXTRACTOR_IMPORT = "import numpy, soundfile; from xcodec2_jax.modeling.features import Xcodec2FeatureExtractor"
 
 
 def parse_args(argv=None) -> argparse.Namespace:

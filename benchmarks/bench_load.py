@@ -27,7 +27,7 @@ path, mode, cache = sys.argv[1], sys.argv[2], (sys.argv[3] or None)
 import jax
 import xcodec2_jax
 from xcodec2_jax import load_checkpoint
-import xcodec2_jax.model as model
+import xcodec2_jax.modeling.model as model
 rss_imports = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 trace = [0.0]
 name = "_abstract_params" if hasattr(model, "_abstract_params") else "checkpoint_shapes"

@@ -43,7 +43,7 @@ import numpy as np
 import soundfile as sf
 import torch
 from transformers import Xcodec2Model
-from xcodec2_jax.features import Xcodec2FeatureExtractor
+from xcodec2_jax.modeling.features import Xcodec2FeatureExtractor
 
 src, out, checkpoint, batch_size = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
 torch.set_num_threads(os.cpu_count())

@@ -2,7 +2,7 @@
 
 One step, both sides: features of a batch of real speech, the frozen encoder's codes (no gradient),
 the decoder's reconstruction, loss = log-mel L1 + multi-resolution STFT (auraloss on the torch side,
-``xcodec2_jax.losses`` on ours, equal to it), backward through the decoder only, gradient clipping
+``xcodec2_jax.training.losses`` on ours, equal to it), backward through the decoder only, gradient clipping
 at global norm 1 and an AdamW update of the decoder's parameters. The torch side computes features
 with our numpy extractor (transformers' needs torchaudio, which does not load here) and its mel loss
 with ``torch.stft`` and transformers' mel filter bank, as ``tests/test_losses.py`` checks ours against.
@@ -54,7 +54,7 @@ def torch_step_fn(model, audio: np.ndarray):
     from auraloss.freq import MultiResolutionSTFTLoss
     from transformers.audio_utils import mel_filter_bank
 
-    from xcodec2_jax.features import Xcodec2FeatureExtractor
+    from xcodec2_jax.modeling.features import Xcodec2FeatureExtractor
 
     for p in model.parameters():
         p.requires_grad_(False)
@@ -102,7 +102,7 @@ def main(argv=None) -> int:
     from transformers import Xcodec2Model as TorchModel
 
     from xcodec2_jax import load_checkpoint
-    from xcodec2_jax.train import TrainConfig, Trainer
+    from xcodec2_jax.training.trainer import TrainConfig, Trainer
 
     torch.set_num_threads(os.cpu_count())
     loop = speech_loop()[0]

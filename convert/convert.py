@@ -53,7 +53,7 @@ def verify(src: str, config, params, audio_path: str) -> dict:
     import torch
 
     from xcodec2_jax import Xcodec2FeatureExtractor, Xcodec2Model
-    from xcodec2_jax.codec import prepare_audio
+    from xcodec2_jax.inference.audio import prepare_audio
 
     audio, rate = sf.read(audio_path, dtype="float32", always_2d=False)
     inputs = Xcodec2FeatureExtractor(hop_length=config.hop_length)(

@@ -78,7 +78,7 @@ def relative_error(ours, ref) -> dict:
 def read_audio(path: str) -> np.ndarray:
     import soundfile as sf
 
-    from xcodec2_jax.codec import prepare_audio
+    from xcodec2_jax.inference.audio import prepare_audio
 
     if not os.path.isfile(path):
         raise FileNotFoundError(f"audio file not found: {path}")

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import glob
 import os
+import shutil
 import tempfile
 
 import numpy as np
@@ -19,8 +20,34 @@ import pytest
 DATA_DIR = os.path.join(os.path.dirname(__file__), "data")
 
 # Codecs built with the default cache settings keep their compilations and traced programs in a
-# folder of this test session (inherited by the CLI subprocesses), never in the user's ~/.cache.
-os.environ.setdefault("XCODEC2_JAX_CACHE_DIR", tempfile.mkdtemp(prefix="xcodec2-jax-test-cache-"))
+# folder of this test session (inherited by the CLI subprocesses), never in the user's ~/.cache;
+# the folder is removed when the session ends.
+_SESSION_CACHE = None
+if "XCODEC2_JAX_CACHE_DIR" not in os.environ:
+    _SESSION_CACHE = os.environ["XCODEC2_JAX_CACHE_DIR"] = tempfile.mkdtemp(prefix="xcodec2-jax-test-cache-")
+
+
+def pytest_sessionfinish(session, exitstatus):
+    if _SESSION_CACHE is not None:
+        shutil.rmtree(_SESSION_CACHE, ignore_errors=True)
+
+
+# Markers follow from what a test uses, so that no test can forget one: `slow` for full-size models
+# and everything under integration/, `subprocess` for child processes, `torch` for a PyTorch reference.
+_TORCH_FIXTURES = {"small_ref", "full_ref", "original_small", "original_ref"}
+_SLOW_FIXTURES = {"full_ref"}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        fixtures = set(getattr(item, "fixturenames", ()))
+        path = str(item.fspath)
+        if fixtures & _SLOW_FIXTURES or f"{os.sep}integration{os.sep}" in path:
+            item.add_marker(pytest.mark.slow)
+        if f"{os.sep}integration{os.sep}" in path:
+            item.add_marker(pytest.mark.subprocess)
+        if fixtures & _TORCH_FIXTURES or f"{os.sep}parity{os.sep}" in path:
+            item.add_marker(pytest.mark.torch)
 
 # A small config with odd sizes: 3 decoder layers, levels (5, 5, 5, 4) (odd half widths), a 5-layer
 # conformer with a short relative-position window, hop 320 so the semantic and acoustic frame rates
@@ -58,7 +85,7 @@ def spread_weights_(model, seed: int = 0) -> None:
     """
     import torch
 
-    from xcodec2_jax.features import Xcodec2FeatureExtractor
+    from xcodec2_jax import Xcodec2FeatureExtractor
 
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
@@ -135,9 +162,13 @@ def small_ref(tmp_path_factory) -> Reference:
     return _make_reference(tmp_path_factory, "small", SMALL_CONFIG)
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def full_ref(tmp_path_factory) -> Reference:
-    return _make_reference(tmp_path_factory, "full", None)
+    """The full-size reference (2.5 GB of weights): built per test module and released with it, so
+    that the suite never holds two at once."""
+    ref = _make_reference(tmp_path_factory, "full", None)
+    yield ref
+    shutil.rmtree(ref.path, ignore_errors=True)
 
 
 def speech_files() -> list[str]:
@@ -173,8 +204,8 @@ def module_params(state, target, **kwargs):
     import jax
 
     from xcodec2_jax.checkpoint import convert_state_dict
-    from xcodec2_jax.checkpoint.io import flatten as _flatten
-    from xcodec2_jax.checkpoint.io import unflatten as _unflatten
+    from xcodec2_jax.utils.tree import flatten as _flatten
+    from xcodec2_jax.utils.tree import unflatten as _unflatten
 
     per_layer, stacks = {}, {}
     for path, leaf in _flatten(target).items():

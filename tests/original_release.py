@@ -1,4 +1,11 @@
-"""The ORIGINAL X-Codec2 release's modules (vendored in ``tests/_original_xcodec2``), small and random.
+"""The ORIGINAL X-Codec2 release's modules, small and random.
+
+The original code is not in the repository: :func:`original_source` downloads the PyPI sdist
+``xcodec2==0.1.5`` and, for the RoPE it imports, the wheel ``torchtune==0.6.1`` (both pinned by
+sha256) at first use, and extracts the files it needs, unchanged, into a per-user cache
+(``$XCODEC2_JAX_TEST_CACHE``, else ``~/.cache/xcodec2_jax_tests``); later runs download nothing. The
+original code also needs ``vector-quantize-pytorch`` (its ``ResidualFSQ`` is the quantizer, called for
+real) and ``einops``, both in the ``test`` extra.
 
 The hub is out of reach and the real model is large, so this builds the original ``XCodec2Model``
 with its own classes (``CodecEncoder_Transformer``, ``CodecDecoderVocos``, ``SemanticEncoder``,
@@ -15,10 +22,20 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import hashlib
+import importlib.machinery
+import importlib.util
 import math
+import os
+import shlex
+import shutil
+import subprocess
 import sys
+import tarfile
+import tempfile
 import types
 import warnings
+import zipfile
 
 import numpy as np
 
@@ -63,24 +80,219 @@ def xcodec2_config_kwargs(shape: dict = ORIGINAL_SMALL) -> dict:
     )
 
 
+# ---------------------------------------------------------------------------------------------------
+# The original release's source, fetched from PyPI at first use (pinned by sha256) and cached.
+# ---------------------------------------------------------------------------------------------------
+
+CACHE_ENV = "XCODEC2_JAX_TEST_CACHE"
+
+# The PyPI sdist of the X-Codec2 release that ``HKUSTAudio/xcodec2`` on the Hugging Face Hub documents
+# (author Zhen Ye; MIT License per its metadata). Only its ``xcodec2/`` modelling files are extracted.
+XCODEC2_SDIST = dict(
+    requirement="xcodec2==0.1.5",
+    filename="xcodec2-0.1.5.tar.gz",
+    sha256="dc1a73b32090706e65fb73b2469411bc27bb72048677a23b430ab21ad325e45b",
+    pip_args=("--no-binary", ":all:"),
+)
+# The torchtune wheel whose ``RotaryPositionalEmbeddings`` the original imports (BSD 3-Clause). Only
+# ``torchtune/modules/position_embeddings.py`` (which imports nothing but torch) is taken from it;
+# torchtune itself is never installed or imported, since importing it needs torchao.
+TORCHTUNE_WHEEL = dict(
+    requirement="torchtune==0.6.1",
+    filename="torchtune-0.6.1-py3-none-any.whl",
+    sha256="bcbc4ee9774b5c5829a5ff13df851e0b0e32416c018af8db53faa3472ac256e7",
+    pip_args=(),
+)
+
+_XCODEC2_PREFIX = "xcodec2-0.1.5/xcodec2/"
+# What ``modeling_xcodec2.py`` needs: the package, its config and the whole ``vq/`` folder (some of
+# whose modules, such as ``residual_vq.py`` and ``blocks.py``, are imported but never called).
+_XCODEC2_FILES = ("__init__.py", "configuration_bigcodec.py", "modeling_xcodec2.py")
+_XCODEC2_FOLDERS = ("vq/",)
+_ROPE_MEMBER = "torchtune/modules/position_embeddings.py"
+_ROPE_LICENSE = "torchtune-0.6.1.dist-info/licenses/LICENSE"
+
+# Names under which the fetched code is imported: nothing else can be called this, so an installed
+# ``xcodec2`` (or ``torchtune``) can neither shadow it nor be shadowed.
+_XCODEC2_MODULE = "_xcodec2_jax_tests_original_xcodec2"
+_ROPE_MODULE = "_xcodec2_jax_tests_torchtune_position_embeddings"
+_XCODEC2_IMPORTS = (
+    "configuration_bigcodec",
+    "modeling_xcodec2",
+    "vq.activations",
+    "vq.bs_roformer5",
+    "vq.codec_decoder_vocos",
+    "vq.codec_encoder",
+    "vq.module",
+)
+
+
+def cache_dir() -> str:
+    """Where the fetched sources live: ``$XCODEC2_JAX_TEST_CACHE``, else ``~/.cache/xcodec2_jax_tests``."""
+    root = os.environ.get(CACHE_ENV) or os.path.join("~", ".cache", "xcodec2_jax_tests")
+    return os.path.abspath(os.path.expanduser(root))
+
+
+def _sha256(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _download_command(dist: dict, dest: str) -> list[str]:
+    return [
+        sys.executable,
+        "-m",
+        "pip",
+        "download",
+        "--no-deps",
+        *dist["pip_args"],
+        dist["requirement"],
+        "-d",
+        dest,
+    ]
+
+
+def _fetch_archive(dist: dict, work: str) -> str:
+    """The verified archive of ``dist``: from ``<cache>/downloads`` if placed there by hand, else from pip.
+
+    pip runs with its temporary files inside ``work`` (a folder of the cache), so that nothing of it is
+    left in the system's temp dir.
+    """
+    manual_dir = os.path.join(cache_dir(), "downloads")
+    manual = os.path.join(manual_dir, dist["filename"])
+    if os.path.isfile(manual):
+        path = manual
+    else:
+        dest, pip_tmp = os.path.join(work, "download"), os.path.join(work, "pip-tmp")
+        os.makedirs(pip_tmp)
+        env = dict(os.environ, TMPDIR=pip_tmp, TEMP=pip_tmp, TMP=pip_tmp)
+        command = _download_command(dist, dest)
+        try:
+            result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+            failure = None if result.returncode == 0 else (result.stdout + result.stderr)[-3000:]
+        except (OSError, subprocess.SubprocessError) as e:
+            failure = repr(e)
+        path = os.path.join(dest, dist["filename"])
+        if failure is None and not os.path.isfile(path):
+            failure = f"pip reported success but {dist['filename']} is not in {dest}"
+        if failure is not None:
+            by_hand = shlex.join(["python", *_download_command(dist, manual_dir)[1:]])
+            raise RuntimeError(
+                f"Could not download {dist['requirement']} from the package index, which the tests need "
+                f"as the original X-Codec2 reference code:\n{failure}\n"
+                f"Run by hand, where the index is reachable (with python from this environment):\n"
+                f"    {by_hand}\n"
+                f"(or copy {dist['filename']}, sha256 {dist['sha256']}, into {manual_dir}), then rerun the "
+                f"tests. The cache folder is set by ${CACHE_ENV}."
+            )
+    found = _sha256(path)
+    if found != dist["sha256"]:
+        raise RuntimeError(
+            f"{path} has sha256 {found}, not the pinned {dist['sha256']} of {dist['requirement']}; "
+            f"delete it and rerun the tests."
+        )
+    return path
+
+
+def _extract_xcodec2(archive: str, dest: str) -> None:
+    """The modelling files of the sdist, unchanged, into ``dest`` (a package folder)."""
+    with tarfile.open(archive, "r:gz") as tar:
+        for member in tar.getmembers():
+            if not member.isfile() or not member.name.startswith(_XCODEC2_PREFIX):
+                continue
+            rel = member.name[len(_XCODEC2_PREFIX) :]
+            wanted = rel in _XCODEC2_FILES or (rel.startswith(_XCODEC2_FOLDERS) and rel.endswith(".py"))
+            if not wanted or ".." in rel.split("/"):
+                continue
+            target = os.path.join(dest, *rel.split("/"))
+            os.makedirs(os.path.dirname(target), exist_ok=True)
+            with tar.extractfile(member) as src, open(target, "wb") as out:
+                shutil.copyfileobj(src, out)
+
+
+def _extract_rope(archive: str, dest: str) -> None:
+    """torchtune's ``position_embeddings.py`` and its licence, unchanged, into ``dest``."""
+    with zipfile.ZipFile(archive) as wheel:
+        for member, name in ((_ROPE_MEMBER, "position_embeddings.py"), (_ROPE_LICENSE, "LICENSE")):
+            with open(os.path.join(dest, name), "wb") as out:
+                out.write(wheel.read(member))
+
+
+def _cached_source(dist: dict, extract, required: tuple[str, ...]) -> str:
+    """``<cache>/<name>-<sha256[:12]>``, filled by ``extract`` from the verified archive on first use.
+
+    It is built in a temporary sibling folder and renamed into place, so that it appears complete or
+    not at all; when two processes race, the second rename fails, and that one's copy is dropped.
+    """
+    root = cache_dir()
+    final = os.path.join(root, f"{dist['requirement'].replace('==', '-')}-{dist['sha256'][:12]}")
+    if not os.path.isdir(final):
+        os.makedirs(root, exist_ok=True)
+        work = tempfile.mkdtemp(prefix=f".tmp-{os.path.basename(final)}-", dir=root)
+        try:
+            archive = _fetch_archive(dist, work)
+            staged = os.path.join(work, "source")
+            os.makedirs(staged)
+            extract(archive, staged)
+            with open(os.path.join(staged, "SOURCE.txt"), "w") as f:
+                f.write(f"{dist['requirement']} {dist['filename']} sha256 {dist['sha256']}\n")
+            try:
+                os.replace(staged, final)
+            except OSError:
+                if not os.path.isdir(final):  # not a lost race
+                    raise
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+    missing = [name for name in required if not os.path.isfile(os.path.join(final, name))]
+    if missing:
+        raise RuntimeError(f"{final} lacks {missing}: delete that folder and rerun the tests.")
+    return final
+
+
+@functools.cache
+def original_source() -> types.SimpleNamespace:
+    """The folders of the fetched sources: ``xcodec2`` (the package) and ``rope`` (torchtune's file)."""
+    return types.SimpleNamespace(
+        xcodec2=_cached_source(XCODEC2_SDIST, _extract_xcodec2, ("modeling_xcodec2.py", "vq/module.py")),
+        rope=_cached_source(TORCHTUNE_WHEEL, _extract_rope, ("position_embeddings.py",)),
+    )
+
+
+def _import_file(name: str, path: str, package_dir: str | None = None) -> types.ModuleType:
+    """The module (or, with ``package_dir``, package) at ``path``, imported and registered as ``name``."""
+    locations = None if package_dir is None else [package_dir]
+    spec = importlib.util.spec_from_file_location(name, path, submodule_search_locations=locations)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    try:
+        spec.loader.exec_module(module)
+    except BaseException:
+        sys.modules.pop(name, None)
+        raise
+    return module
+
+
 @contextlib.contextmanager
 def _import_stubs():
-    """``torchtune.modules`` (the real RoPE class, copied) and an empty ``torchaudio``, only while importing.
+    """``torchtune.modules`` (torchtune's own RoPE class) and an empty ``torchaudio``, only while importing.
 
-    The real torchtune needs torchao to import; torchaudio is imported by ``vq/bs_roformer5.py`` but
-    never used. Everything else the vendored code imports is imported first, outside the stubs (so
-    that transformers' availability probes never see the fake torchaudio), and the previous
-    ``sys.modules`` entries are restored afterwards.
+    The real torchtune needs torchao to import, so only its ``position_embeddings.py`` is loaded, by file
+    location; torchaudio is imported by ``vq/bs_roformer5.py`` but never used. Everything else the
+    original code imports is imported first, outside the stubs (so that transformers' availability
+    probes never see the fake torchaudio), and the previous ``sys.modules`` entries are restored
+    afterwards.
     """
-    import importlib.machinery
-
     import einops  # noqa: F401
     import transformers
     import vector_quantize_pytorch  # noqa: F401
 
     for name in ("PretrainedConfig", "PreTrainedModel", "AutoFeatureExtractor", "Wav2Vec2BertModel"):
         getattr(transformers, name)
-    from _original_xcodec2 import _torchtune_rope
+    rope_file = os.path.join(original_source().rope, "position_embeddings.py")
+    rope = sys.modules.get(_ROPE_MODULE) or _import_file(_ROPE_MODULE, rope_file)
 
     def stub(name):
         module = types.ModuleType(name)
@@ -88,7 +300,7 @@ def _import_stubs():
         return module
 
     torchtune, modules = stub("torchtune"), stub("torchtune.modules")
-    modules.RotaryPositionalEmbeddings = _torchtune_rope.RotaryPositionalEmbeddings
+    modules.RotaryPositionalEmbeddings = rope.RotaryPositionalEmbeddings
     torchtune.modules = modules
     stubs = {"torchtune": torchtune, "torchtune.modules": modules, "torchaudio": stub("torchaudio")}
     saved = {name: sys.modules.get(name) for name in stubs}
@@ -105,21 +317,33 @@ def _import_stubs():
 
 @functools.cache
 def original_modules() -> types.SimpleNamespace:
-    """The vendored original modules, imported once."""
+    """The original release's modules, fetched (see :func:`original_source`) and imported once.
+
+    The sdist's ``xcodec2`` package is imported from the cache by file location as
+    ``_xcodec2_jax_tests_original_xcodec2`` (its own imports are relative); ``sys.path`` is not touched.
+    """
+    package_dir = original_source().xcodec2
     with _import_stubs():
-        from _original_xcodec2 import configuration_bigcodec, modeling_xcodec2
-        from _original_xcodec2.vq import activations, bs_roformer5, codec_decoder_vocos, codec_encoder, module
+        if _XCODEC2_MODULE not in sys.modules:
+            _import_file(_XCODEC2_MODULE, os.path.join(package_dir, "__init__.py"), package_dir)
+        try:
+            loaded = {name: importlib.import_module(f"{_XCODEC2_MODULE}.{name}") for name in _XCODEC2_IMPORTS}
+        except BaseException:
+            for name in list(sys.modules):
+                if name == _XCODEC2_MODULE or name.startswith(_XCODEC2_MODULE + "."):
+                    del sys.modules[name]
+            raise
     return types.SimpleNamespace(
-        BigCodecConfig=configuration_bigcodec.BigCodecConfig,
-        XCodec2Model=modeling_xcodec2.XCodec2Model,
-        CodecEncoder_Transformer=codec_encoder.CodecEncoder_Transformer,
-        CodecDecoderVocos=codec_decoder_vocos.CodecDecoderVocos,
-        codec_decoder_vocos=codec_decoder_vocos,
-        SemanticEncoder=module.SemanticEncoder,
-        SnakeBeta=activations.SnakeBeta,
-        RMSNorm=bs_roformer5.RMSNorm,
-        Attention=bs_roformer5.Attention,
-        RotaryPositionalEmbeddings=bs_roformer5.RotaryPositionalEmbeddings,
+        BigCodecConfig=loaded["configuration_bigcodec"].BigCodecConfig,
+        XCodec2Model=loaded["modeling_xcodec2"].XCodec2Model,
+        CodecEncoder_Transformer=loaded["vq.codec_encoder"].CodecEncoder_Transformer,
+        CodecDecoderVocos=loaded["vq.codec_decoder_vocos"].CodecDecoderVocos,
+        codec_decoder_vocos=loaded["vq.codec_decoder_vocos"],
+        SemanticEncoder=loaded["vq.module"].SemanticEncoder,
+        SnakeBeta=loaded["vq.activations"].SnakeBeta,
+        RMSNorm=loaded["vq.bs_roformer5"].RMSNorm,
+        Attention=loaded["vq.bs_roformer5"].Attention,
+        RotaryPositionalEmbeddings=loaded["vq.bs_roformer5"].RotaryPositionalEmbeddings,
     )
 
 

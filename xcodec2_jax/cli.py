@@ -14,7 +14,17 @@ from collections.abc import Sequence
 
 import numpy as np
 
-AUDIO_SUFFIXES = (".wav", ".flac", ".ogg", ".oga", ".mp3", ".aiff", ".aif", ".au")
+from .corpus.run import tokenize
+from .inference.audio import read_audio
+from .inference.codec import Xcodec2Codec
+from .inference.hub import DEFAULT_MODEL_ID
+from .inference.llasa import text_to_codes
+from .training.finetune import finetune
+from .utils import validation
+from .utils.dtypes import compute_dtype
+from .utils.files import AUDIO_SUFFIXES, walk_files
+from .utils.progress import progress_bar
+
 EXIT_OK, EXIT_BAD_INPUT = 0, 2
 
 
@@ -40,13 +50,7 @@ def _expand_inputs(inputs: Sequence[str], suffixes: tuple[str, ...], run: _Run) 
     for item in inputs:
         if os.path.isdir(item):
             root = os.path.normpath(item)
-            found = []
-            for dirpath, dirnames, filenames in os.walk(root):
-                dirnames.sort()
-                for name in sorted(filenames):
-                    if name.lower().endswith(suffixes):
-                        path = os.path.join(dirpath, name)
-                        found.append((path, os.path.splitext(os.path.relpath(path, root))[0]))
+            found = [(p, os.path.splitext(os.path.relpath(p, root))[0]) for p in walk_files(root, suffixes)]
             if not found:
                 run.fail(item, f"no files ending in {', '.join(suffixes)} in this directory")
             pairs += found
@@ -73,8 +77,6 @@ def _in_groups(jobs, desc: str, read, flush, batch_size: int, run: _Run) -> None
     """Read each input (a bad one is reported, not fatal) and pass the good ones to ``flush`` as
     lists of (output path, data), batch_size at a time, so the codec can batch them."""
     group = []
-    from .codec import progress_bar
-
     for i, (path, out) in enumerate(progress_bar(jobs, desc, "file")):
         try:
             group.append((out, read(path)))
@@ -92,15 +94,10 @@ class ModelLoadError(Exception):
 
 
 def _load_codec(args, encode_lengths=None, encode_only=False):
-    import jax.numpy as jnp
-
-    from .codec import Xcodec2Codec
-
-    dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[args.dtype]
     try:
         return Xcodec2Codec.from_pretrained(
             args.model,
-            dtype=dtype,
+            dtype=compute_dtype(args.dtype),
             precision=args.precision,
             batch_size=args.batch_size,
             compilation_cache=False if args.no_cache else args.cache_dir,
@@ -112,8 +109,6 @@ def _load_codec(args, encode_lengths=None, encode_only=False):
 
 
 def cmd_encode(args, run: _Run) -> None:
-    from .codec import read_audio
-
     jobs = _jobs(args, run, AUDIO_SUFFIXES, ".npy")
     if not jobs:
         return
@@ -148,11 +143,7 @@ def _read_codes(path: str, codebook_size: int) -> np.ndarray:
         codes = codes[0]
     if codes.ndim != 1 or codes.size == 0:
         raise ValueError(f"expected a non-empty 1-D array of codes, got shape {codes.shape}")
-    if codes.dtype.kind not in "iu":
-        raise ValueError(f"expected integer codes, got dtype {codes.dtype}")
-    if codes.min() < 0 or codes.max() >= codebook_size:
-        raise ValueError(f"codes must lie in [0, {codebook_size}), found [{codes.min()}, {codes.max()}]")
-    return codes.astype(np.int32)
+    return validation.codes(codes, codebook_size)
 
 
 def _write_wav(path: str, audio: np.ndarray, rate: int) -> None:
@@ -162,8 +153,6 @@ def _write_wav(path: str, audio: np.ndarray, rate: int) -> None:
 
 
 def _read_llasa_text(path: str, codebook_size: int) -> np.ndarray:
-    from .llasa import text_to_codes
-
     try:
         with open(path, encoding="utf-8") as f:
             text = f.read()
@@ -197,8 +186,6 @@ def cmd_decode(args, run: _Run) -> None:
 
 
 def cmd_roundtrip(args, run: _Run) -> None:
-    from .codec import read_audio
-
     if os.path.exists(args.output) and not args.overwrite:
         run.fail(args.input, f"output {args.output} exists (use --overwrite to replace it)")
         return
@@ -214,8 +201,6 @@ def cmd_roundtrip(args, run: _Run) -> None:
 
 
 def cmd_tokenize(args, run: _Run) -> None:
-    from .corpus.summary import run_tokenize
-
     try:
         run.failed += run_tokenize(args)
     except OSError as e:  # the model could not be loaded
@@ -225,8 +210,6 @@ def cmd_tokenize(args, run: _Run) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .codec import DEFAULT_MODEL_ID
-
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument(
         "--model",
@@ -279,9 +262,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("output", help="output WAV path")
     p.set_defaults(func=cmd_roundtrip)
     _add_finetune_parser(sub, DEFAULT_MODEL_ID)
-    from .corpus.summary import add_tokenize_parser
-
     add_tokenize_parser(sub, common, cmd_tokenize)
+    _add_cache_parser(sub)
     return parser
 
 
@@ -303,8 +285,6 @@ def _add_finetune_parser(sub, default_model: str) -> None:
 
 
 def cmd_finetune(args, run: _Run) -> None:
-    from .finetune import finetune
-
     try:
         finetune(
             args.data,
@@ -324,9 +304,132 @@ def cmd_finetune(args, run: _Run) -> None:
         run.fail(args.data, str(e))
 
 
+def add_tokenize_parser(sub, common, func) -> None:
+    p = sub.add_parser(
+        "tokenize",
+        parents=[common],
+        help="a corpus -> Parquet shards of codes, on every device and host, resumable",
+        description="Tokenize audio files, manifests (.txt, .jsonl) or Parquet files (datasets layout) into "
+        "OUT/data/train-*.parquet (id, codes, num_codes, duration), OUT/errors.jsonl and OUT/manifest.json. "
+        "Run the same command again to finish an interrupted job. Exit code 2 when any item failed.",
+    )
+    p.add_argument(
+        "inputs", nargs="+", metavar="SRC", help="directories, .txt/.jsonl manifests, .parquet files"
+    )
+    p.add_argument("-o", "--output", required=True, metavar="OUT")
+    p.add_argument("--shard-size", type=int, default=1000, help="items per output shard (default 1000)")
+    p.add_argument(
+        "--num-workers", type=int, default=None, help="host threads reading audio (default: cores)"
+    )
+    p.add_argument(
+        "--max-window-seconds",
+        type=float,
+        default=None,
+        help="longer items are encoded in overlapping windows of this length (default 30)",
+    )
+    p.add_argument(
+        "--context-seconds", type=float, default=None, help="context on each side of a window (default 2)"
+    )
+    multi = p.add_argument_group("several hosts (jax.distributed)")
+    multi.add_argument(
+        "--distributed",
+        action="store_true",
+        help="call jax.distributed.initialize() without arguments: it detects TPU pods, Slurm and Open MPI",
+    )
+    multi.add_argument("--coordinator-address", metavar="HOST:PORT", help="process 0's address")
+    multi.add_argument("--num-processes", type=int, metavar="N")
+    multi.add_argument("--process-id", type=int, metavar="I")
+    p.set_defaults(func=func)
+
+
+def run_tokenize(args) -> int:
+    """Run the subcommand; prints the summary (process 0) and returns the number of failed items."""
+    result = tokenize(
+        args.inputs,
+        args.output,
+        model=args.model,
+        batch_size=args.batch_size,
+        shard_size=args.shard_size,
+        dtype=args.dtype,
+        precision=args.precision,
+        num_workers=args.num_workers,
+        coordinator_address=args.coordinator_address,
+        num_processes=args.num_processes,
+        process_id=args.process_id,
+        distributed=args.distributed,
+        compilation_cache=False if args.no_cache else args.cache_dir,
+        max_window_seconds=args.max_window_seconds,
+        context_seconds=args.context_seconds,
+    )
+    if result["run"]["process_id"] == 0:
+        print(summary_line(result, args.output), file=sys.stderr)
+    return result["num_errors"]
+
+
+def summary_line(result: dict, out: str) -> str:
+    run = result["run"]
+    hours = result["audio_seconds"] / 3600
+    line = (
+        f"xcodec2-jax: {out}: {result['num_items']} items ({hours:.2f} h of audio) in "
+        f"{result['complete_shards']} of {result['num_shards']} shards; this run: {run['items']} items in "
+        f"{run['wall_s']:.1f} s, {run['audio_seconds'] / max(run['wall_s'], 1e-9):.1f} audio-s/s on "
+        f"{result['num_devices']} device(s) x {result['num_processes']} process(es)"
+    )
+    if result["num_errors"]:
+        line += f"; {result['num_errors']} failed items in {out}/errors.jsonl"
+    return line
+
+
+def _add_cache_parser(sub) -> None:
+    p = sub.add_parser("cache", help="list or clear the params cache (prepared checkpoints)")
+    p.add_argument("--cache-dir", metavar="DIR", help="the compilation cache folder (default as for encode)")
+    actions = p.add_subparsers(dest="action", required=True)
+    actions.add_parser("list", help="entries with size, last use and source")
+    clear = actions.add_parser("clear", help="remove every entry, or the one named KEY")
+    clear.add_argument("key", nargs="?", metavar="KEY", help="an entry's key, as `cache list` shows it")
+    p.set_defaults(func=cmd_cache)
+
+
+def cmd_cache(args, run: _Run) -> None:
+    directory = prepared.params_dir(resolve_cache_dir(args.cache_dir))
+    if directory is None:
+        run.fail("cache", "the cache is off (XCODEC2_JAX_CACHE_DIR=off)")
+        return
+    if not os.path.isdir(directory):
+        print(f"{directory}: empty")
+        return
+    if args.action == "list":
+        for line in cache_listing(directory):
+            print(line)
+        return
+    try:
+        removed = prepared.clear(directory, args.key)
+    except ValueError as e:
+        run.fail(directory, str(e))
+        return
+    print(f"{directory}: removed {len(removed)} entr{'y' if len(removed) == 1 else 'ies'}")
+
+
+def cache_listing(directory: str) -> list[str]:
+    """The lines of ``xcodec2-jax cache list``: a header, one line per entry, the total."""
+    import datetime
+
+    entries = prepared.entries(directory)
+    lines = [f"{directory} (limit {prepared.max_bytes_setting() / 2**30:.1f} GiB)"]
+    lines.append(f"{'KEY':32}  {'SIZE':>9}  {'LAST USED':19}  SOURCE")
+    for e in entries:
+        used = datetime.datetime.fromtimestamp(e.last_used).strftime("%Y-%m-%d %H:%M:%S")
+        source = os.path.commonpath(e.sources) if e.sources else "-"
+        gone = " (source gone)" if e.missing_sources else ""
+        lines.append(f"{e.key:32}  {e.size / 2**30:7.2f} G  {used:19}  {source}{gone}")
+    total = sum(e.size for e in entries)
+    lines.append(f"{len(entries)} entr{'y' if len(entries) == 1 else 'ies'}, {total / 2**30:.2f} GiB")
+    return lines
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if args.batch_size < 1:
+    if getattr(args, "batch_size", 1) < 1:
         print("xcodec2-jax: --batch-size must be at least 1", file=sys.stderr)
         return EXIT_BAD_INPUT
     run = _Run()
@@ -347,8 +450,6 @@ def console_main() -> int:
     (a first-ever ``encode`` ran six, 0.08 s each), and freezing again at the end spares the exit
     its walk over everything the run made (0.3 s after a full-model encode)."""
     import gc
-
-    from . import codec  # noqa: F401  (what build_parser would import anyway)
 
     gc.freeze()
     try:

@@ -14,25 +14,36 @@ Three formats, told apart in one place (:func:`detect_format`):
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-from .io import (
-    SAFE_WEIGHTS_INDEX_NAME,
-    SAFE_WEIGHTS_NAME,
-    Tensor,
-    TensorReader,
-    checkpoint_index,
-    read_state_dict,
-    resolve_files,
+from ..config import Xcodec2Config, config_dict, is_original_format
+from ..modeling.layout import MODULES, checkpoint_shapes, scanned_layers
+from ..utils.safetensors import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME, checkpoint_index, resolve_files
+from .io import Tensor, TensorReader, populated_buffer, read_state_dict
+from .orbax import (
+    ORBAX_PARAMS_DIR,
+    is_orbax_checkpoint,
+    open_arrays,
+    reads_whole_arrays,
+    restore_sharded,
+    save_orbax,
+    stacks_for,
+    stored_metadata,
 )
-from .orbax import ORBAX_PARAMS_DIR, is_orbax_checkpoint, save_orbax
 from .original import OriginalCheckpointError, fold_weight_norm, original_to_transformers, to_transformers
-from .original_config import config_from_original
-from .transformers import CheckpointMismatchError, convert_state_dict, path_to_torch_key, torch_key_to_path
+from .place import assemble, host_bytes, place_tree, stays_on_host
+from .prepared import checkpoint_files, entry_key, lookup, prepare
+from .transformers import (
+    UNUSED_KEYS,
+    CheckpointMismatchError,
+    convert_state_dict,
+    map_state,
+    path_to_torch_key,
+    torch_key_to_path,
+)
 
 __all__ = [
     "ORBAX_PARAMS_DIR",
@@ -43,7 +54,6 @@ __all__ = [
     "Tensor",
     "checkpoint_index",
     "config_for",
-    "config_from_original",
     "convert_state_dict",
     "detect_format",
     "fold_weight_norm",
@@ -64,8 +74,6 @@ def _inspect(path: str):
     """(format, safetensors index or None)."""
     if os.path.isdir(path) and is_orbax_checkpoint(path):
         return "orbax", None
-    from .original import is_original_format
-
     index = checkpoint_index(path)
     return ("original" if is_original_format(index) else "transformers"), index
 
@@ -75,42 +83,11 @@ def detect_format(path: str | os.PathLike) -> str:
     return _inspect(os.fspath(path))[0]
 
 
-def _config_json(path: str) -> tuple[str, dict | None]:
-    directory = path if os.path.isdir(path) else os.path.dirname(os.path.abspath(path))
-    file = os.path.join(directory, "config.json")
-    if not os.path.isfile(file):
-        return file, None
-    with open(file, encoding="utf-8") as f:
-        return file, json.load(f)
-
-
-def config_for(path: str | os.PathLike, _inspected=None):
-    """The ``Xcodec2Config`` of the checkpoint at ``path``, whatever its format.
-
-    transformers and Orbax: their ``config.json``. Original: the sizes read off the tensors' shapes
-    (header only), cross-checked with its ``BigCodecConfig`` ``config.json`` if there is one; a
-    transformers-style ``config.json`` beside original weights is taken as given. A directory holding
-    only a ``config.json`` (no weights) gives that config.
-    """
-    from ..config import Xcodec2Config, is_original_config
-
-    path = os.fspath(path)
-    file, data = _config_json(path)
-    if _inspected is None:
-        try:
-            _inspected = _inspect(path)
-        except FileNotFoundError as e:
-            if data is None:
-                raise FileNotFoundError(f"no config.json and no checkpoint at {path!r} ({e})") from None
-            if not os.path.isdir(path) or is_original_config(data):
-                raise
-            return Xcodec2Config.from_dict(data)
-    fmt, index = _inspected
-    if fmt == "original" and (data is None or is_original_config(data)):
-        return Xcodec2Config.from_dict(config_from_original(data, index))
-    if data is None:
-        raise FileNotFoundError(f"no config.json beside {path!r} ({file}): pass config=Xcodec2Config(...)")
-    return Xcodec2Config.from_dict(data)
+def config_for(path: str | os.PathLike, _inspected=None) -> Xcodec2Config:
+    """The ``Xcodec2Config`` of the checkpoint at ``path``, whatever its format (see
+    :func:`xcodec2_jax.config.config_dict`); the same as ``Xcodec2Config.from_pretrained(path)``."""
+    index = None if _inspected is None else _inspected[1]
+    return Xcodec2Config.from_dict(config_dict(path, index))
 
 
 def load_checkpoint(
@@ -128,13 +105,9 @@ def load_checkpoint(
     ``params_cache``: a folder of prepared checkpoints (see :mod:`.prepared`): the checkpoint is read
     from there, memory-mapped, when it holds this one, else loaded and then kept there.
     """
-    from .place import place_tree
-
     path, inspected, config, placement, modules = _arguments(path, config, sharding, device, modules)
     if params_cache is None:
         return config, _load(path, inspected, config, dtype, placement, modules=modules)
-    from .prepared import prepare
-
     directory = os.fspath(params_cache)
     key, sources, params = _prepared(path, inspected, config, dtype, directory, modules)
     if params is None:
@@ -150,8 +123,6 @@ def load_checkpoint(
 
 def _arguments(path, config, sharding, device, modules):
     """(path, (format, index), config, placement, modules) from a loader's arguments, checked."""
-    from ..model import MODULES
-
     if sharding is not None and device is not None:
         raise ValueError("pass either sharding or device, not both")
     if modules is not None:
@@ -170,8 +141,6 @@ def _arguments(path, config, sharding, device, modules):
 
 def _prepared(path: str, inspected, config, dtype, directory: str, modules):
     """(entry key, sources, the mapped params or None) of the checkpoint in the params cache."""
-    from .prepared import checkpoint_files, entry_key, lookup
-
     key, sources = entry_key(checkpoint_files(path, inspected[0]), config, dtype, modules)
     return key, sources, lookup(directory, key)
 
@@ -188,8 +157,6 @@ def load_prepared(
 ):
     """``load_checkpoint(..., params_cache=...)`` when the folder holds the checkpoint already
     (milliseconds: the prepared file is mapped), else None, without loading or preparing anything."""
-    from .place import place_tree
-
     path, inspected, config, placement, modules = _arguments(path, config, sharding, device, modules)
     params = _prepared(path, inspected, config, dtype, os.fspath(params_cache), modules)[2]
     if params is None:
@@ -200,12 +167,6 @@ def load_prepared(
 def _load(path: str, inspected, config, dtype, placement, file: str | None = None, modules=None):
     """The params (of ``modules`` only, if given); with ``file``, written into that file, mapped. The
     strict check covers the whole checkpoint either way."""
-    from ..model import checkpoint_shapes, scanned_layers
-    from .io import populated_buffer
-    from .orbax import open_arrays, reads_whole_arrays, restore_sharded, stacks_for, stored_metadata
-    from .place import assemble, host_bytes, stays_on_host
-    from .transformers import UNUSED_KEYS, map_state
-
     fmt, index = inspected
     if fmt == "orbax":
         stored = stored_metadata(path)

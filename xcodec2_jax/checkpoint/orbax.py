@@ -16,7 +16,17 @@ import os
 from collections.abc import Mapping
 from typing import Any, NamedTuple
 
-from .io import flatten, unflatten
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ..modeling.layout import checkpoint_shapes, keeps_float32, scanned_layers, stack_layers
+from ..modeling.model import abstract_params
+from ..utils.compat import orbax_tspec
+from ..utils.compat.libc import malloc_trim
+from ..utils.tree import flatten, unflatten
+from .io import Tensor
+from .place import place_tree, shardings_for
 from .transformers import CheckpointMismatchError, path_to_torch_key
 
 ORBAX_PARAMS_DIR = "params"
@@ -80,8 +90,6 @@ def stacks_for(stored: Mapping, config, path: str) -> dict[tuple[str, ...], int]
     """The layer stacks to build from the stored arrays: none if they hold the model layout,
     ``model.scanned_layers`` if one entry per layer; raises :class:`CheckpointMismatchError`
     (every offending key at once) if neither."""
-    from ..model import abstract_params, checkpoint_shapes, scanned_layers
-
     expected = flatten(abstract_params(config))
     if _same_layout(stored, expected):
         return {}
@@ -108,25 +116,20 @@ def open_arrays(path: str | os.PathLike, stored: Stored) -> dict:
     full-model load took 1.4-3.3 s of reading and up to 1.8x the checkpoint's bytes in peak RSS;
     mapped, 0.2-0.3 s and nothing beyond the destinations (2-core VM, page cache warm).
     """
-    import numpy as np
-    import orbax.checkpoint as ocp
     import tensorstore as ts
     from etils import epath
 
-    from .io import Tensor
-
     target = epath.Path(os.path.abspath(os.fspath(path))) / ORBAX_PARAMS_DIR
-    use_ocdbt = ocp.type_handlers.is_ocdbt_checkpoint(target)
+    use_ocdbt = orbax_tspec.is_ocdbt(target)
     context = ts.Context(
-        ts.Context.Spec({"file_io_mode": {"mode": "memmap"}}),
-        ocp.type_handlers.get_ts_context(use_ocdbt=use_ocdbt),
+        ts.Context.Spec({"file_io_mode": {"mode": "memmap"}}), orbax_tspec.context(use_ocdbt)
     )
     opening = {}
     for p, meta in stored.arrays.items():
-        info = ocp.type_handlers.ParamInfo(
+        info = orbax_tspec.param_info(
             name=meta.name, parent_dir=target, use_zarr3=stored.use_zarr3, ts_context=context
         )
-        spec = ocp.type_handlers.get_json_tspec_read(info, use_ocdbt=use_ocdbt)
+        spec = orbax_tspec.read_spec(info, use_ocdbt)
         opening[p] = ts.open(spec, open=True, read=True, context=context)
 
     def tensor(meta, opened) -> Tensor:
@@ -148,9 +151,7 @@ def open_arrays(path: str | os.PathLike, stored: Stored) -> dict:
                 else:
                     np.copyto(part, source.read().result(), casting="unsafe")
 
-        return Tensor(
-            meta.shape, meta.dtype, lambda: opened.result().read().result(), read_into=read_into
-        )
+        return Tensor(meta.shape, meta.dtype, lambda: opened.result().read().result(), read_into=read_into)
 
     return {p: tensor(stored.arrays[p], f) for p, f in opening.items()}
 
@@ -159,8 +160,6 @@ def reads_whole_arrays(placement: Any) -> bool:
     """True if ``placement`` (None, a device, a sharding or a tree of them) puts each parameter whole
     on one device or on the host, where :func:`open_arrays` serves; False for several devices, where
     Orbax reads each device's part (:func:`restore_sharded`)."""
-    import jax
-
     if placement is None or isinstance(placement, jax.Device):
         return True
     if isinstance(placement, Mapping):
@@ -170,7 +169,6 @@ def reads_whole_arrays(placement: Any) -> bool:
 
 def _groups(specs: Mapping[tuple[str, ...], Any], limit: int) -> list[list[tuple[str, ...]]]:
     """The paths of ``specs`` in groups of at most ``limit`` bytes (a larger array alone), biggest first."""
-    import numpy as np
 
     def nbytes(p):
         return int(np.prod(specs[p].shape, dtype=np.int64)) * np.dtype(specs[p].dtype).itemsize
@@ -193,13 +191,9 @@ def _restore_in_groups(target: str, expected: Mapping, shardings: Mapping) -> di
     its destination until it is copied: peak RSS 1.5-1.6x the checkpoint for the full model. A group
     at a time (the biggest arrays first, and the freed heap handed back after each) bounds that to
     the last groups' bytes, which are small."""
-    import jax
     import orbax.checkpoint as ocp
 
-    from ..programs import _malloc_trim
-
     checkpointer = ocp.PyTreeCheckpointer()
-    trim = _malloc_trim()
 
     def restore_group(group):
         item = {
@@ -216,8 +210,7 @@ def _restore_in_groups(target: str, expected: Mapping, shardings: Mapping) -> di
             item=unflatten(item), restore_args=unflatten(args), partial_restore=True
         )
         out = checkpointer.restore(target, args=request)
-        if trim is not None:
-            trim(0)
+        malloc_trim()
         return flatten(out)
 
     restored: dict[tuple[str, ...], Any] = {}
@@ -232,12 +225,7 @@ def restore_sharded(
     """The params of the Orbax checkpoint at ``path`` placed over several devices by Orbax's restore
     (``stored`` from :func:`stored_metadata`, checked against ``config``'s model); of the top-level
     ``modules`` only, if given."""
-    import jax
-    import jax.numpy as jnp
     import orbax.checkpoint as ocp
-
-    from ..model import abstract_params, stack_layers
-    from .place import _shardings, place_tree
 
     target = os.path.join(os.path.abspath(path), ORBAX_PARAMS_DIR)
     if stacks_for(stored.arrays, config, path):
@@ -249,9 +237,8 @@ def restore_sharded(
     else:
         expected = flatten(abstract_params(config))
         wanted = expected if modules is None else {p: v for p, v in expected.items() if p[0] in modules}
-        params = _restore_in_groups(target, wanted, _shardings(placement, wanted))
+        params = _restore_in_groups(target, wanted, shardings_for(placement, wanted))
     if dtype is not None:
-        from ..model import keeps_float32
 
         def cast(path, x):
             if not jnp.issubdtype(x.dtype, jnp.floating):

@@ -40,18 +40,6 @@ import numpy as np
 
 from .io import Tensor
 
-# hidden_states index that modeling_xcodec2.py reads from the w2v-BERT.
-SEMANTIC_LAYERS_USED = 16
-
-ORIGINAL_PREFIXES = (
-    "semantic_model.",
-    "SemanticEncoder_module.",
-    "CodecEnc.",
-    "generator.",
-    "fc_prior.",
-    "fc_post_a.",
-)
-
 DROP = "<drop>"
 
 
@@ -67,11 +55,6 @@ class OriginalCheckpointError(ValueError):
         lines = [f"original X-Codec2 checkpoint: {len(self.problems)} key(s) could not be mapped:"]
         lines += [f"    {p}" for p in self.problems]
         super().__init__("\n".join(lines))
-
-
-def is_original_format(keys) -> bool:
-    """True if the keys are those of the original release (``CodecEnc.``, ``generator.``, ...)."""
-    return any(k.startswith(ORIGINAL_PREFIXES) for k in keys)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -195,7 +178,7 @@ def fold_weight_norm(g: np.ndarray, v: np.ndarray) -> np.ndarray:
     return (g.astype(np.float64) * (v64 / norm)).astype(out_dtype)
 
 
-_WN_SUFFIXES = {
+WN_SUFFIXES = {
     ".weight_g": "g",
     ".weight_v": "v",
     ".parametrizations.weight.original0": "g",
@@ -216,7 +199,7 @@ def _fold_all_weight_norms(state: Mapping[str, Tensor], problems: list[str]) -> 
     plain: dict[str, Tensor] = {}
     halves: dict[str, dict[str, tuple[str, Tensor]]] = {}
     for key, value in state.items():
-        for suffix, part in _WN_SUFFIXES.items():
+        for suffix, part in WN_SUFFIXES.items():
             if key.endswith(suffix):
                 parts = halves.setdefault(key[: -len(suffix)], {})
                 if part in parts:

@@ -14,35 +14,18 @@ from __future__ import annotations
 
 import mmap
 import os
-import re
 from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
+import jax
 import numpy as np
 
-from .io import Tensor, aligned_empty, flatten, padded_size, populated_buffer, unflatten
+from ..modeling.layout import keeps_float32, parameter_groups
+from ..utils.compat import numpy_mmap
+from ..utils.tree import flatten, unflatten
+from .io import Tensor, aligned_empty, padded_size, populated_buffer
 from .transformers import path_to_torch_key
-
-_LAYER = re.compile(r"layers_(\d+)")
-
-
-def model_paths(paths, stacks: Mapping[tuple[str, ...], int]) -> dict[tuple[str, ...], list]:
-    """Checkpoint-layout paths -> ``{model path: [(layer index or None, checkpoint path), ...]}``.
-
-    ``parent + ("layers_i", *rest)`` with ``parent`` in ``stacks`` becomes slice ``i`` of
-    ``parent + ("layers", *rest)``; every other path is its own parameter.
-    """
-    out: dict[tuple[str, ...], list] = {}
-    for path in paths:
-        for parent in stacks:
-            n = len(parent)
-            if path[:n] == parent and len(path) > n + 1 and (m := _LAYER.fullmatch(path[n])):
-                out.setdefault(parent + ("layers",) + path[n + 1 :], []).append((int(m[1]), path))
-                break
-        else:
-            out[path] = [(None, path)]
-    return out
 
 
 def _block(itemsize: int) -> int:
@@ -126,14 +109,12 @@ class _Arena:
 
     def drop(self, path) -> None:
         """With a file: the written parameter's whole pages leave the process (not the file)."""
-        mm = getattr(self.mapped, "_mmap", None)
-        if mm is None or not hasattr(mm, "madvise"):
+        if self.mapped is None:
             return
         page = mmap.PAGESIZE
         start = -(-self.offsets[path] // page) * page
         end = (self.offsets[path] + _nbytes(self.specs[path])) // page * page
-        if end > start:
-            mm.madvise(mmap.MADV_DONTNEED, start, end - start)
+        numpy_mmap.advise(self.mapped, mmap.MADV_DONTNEED, start, end - start)
 
 
 def _no_readahead(mapped: np.memmap) -> None:
@@ -145,9 +126,8 @@ def _no_readahead(mapped: np.memmap) -> None:
     allocations cost far more than single pages (perf of a slow first-ever ``xcodec2-jax encode``:
     38% of its CPU samples in that zero-filling; system time 4.9-8.2 s in two of three runs after
     the torch script, against 2.4-2.5 s in all three with MADV_RANDOM)."""
-    mm = getattr(mapped, "_mmap", None)
-    if mm is not None and hasattr(mm, "madvise") and hasattr(mmap, "MADV_RANDOM"):
-        mm.madvise(mmap.MADV_RANDOM)
+    if hasattr(mmap, "MADV_RANDOM"):
+        numpy_mmap.advise(mapped, mmap.MADV_RANDOM)
 
 
 def _fill(buf: np.ndarray, items, placed) -> None:
@@ -165,8 +145,6 @@ def _fill(buf: np.ndarray, items, placed) -> None:
 def host_bytes(tensors: Mapping[tuple[str, ...], Any], dtype: Any = None) -> int:
     """The arena that ``assemble`` carves for these tensors (keyed by checkpoint path, all of them
     placed), or a little more (its padding is per parameter, this per tensor)."""
-    from ..model import keeps_float32
-
     total = 0
     for path, t in tensors.items():
         target = dtype if dtype is None or not keeps_float32(path) else np.float32
@@ -180,8 +158,6 @@ def stays_on_host(placement: Any) -> bool:
     """True if parameters placed by ``placement`` live in this process's memory (None or one CPU)."""
     if placement is None:
         return True
-    import jax
-
     if isinstance(placement, jax.Device):
         return placement.platform == "cpu"
     return isinstance(placement, jax.sharding.Sharding) and _on_one_cpu(placement)
@@ -192,10 +168,8 @@ def _on_one_cpu(sharding) -> bool:
     return len(devices) == 1 and next(iter(devices)).platform == "cpu"
 
 
-def _shardings(placement: Any, leaves):
+def shardings_for(placement: Any, leaves):
     """``{model path: Sharding}`` for ``placement``: a device, one sharding, or a tree of them."""
-    import jax
-
     if isinstance(placement, jax.Device):
         placement = jax.sharding.SingleDeviceSharding(placement)
     if isinstance(placement, jax.sharding.Sharding):
@@ -230,8 +204,7 @@ def assemble(
     dropped once placed (on a CPU device, adopted by XLA without a copy). With ``file`` (and no
     placement): the parameters are written into that file, mapped, and come back as views of it.
     """
-    groups = model_paths(placed, stacks)
-    from ..model import keeps_float32
+    groups = parameter_groups(placed, stacks)
 
     # A cast to a lower precision skips the float32 islands (FSQ, norms, SnakeBeta, ISTFT head).
     island = None if dtype is None else np.float32
@@ -240,12 +213,10 @@ def assemble(
     }
     if file is not None and placement is not None:
         raise ValueError("assemble writes to a file only without a placement")
-    shardings = None if placement is None else _shardings(placement, groups)
+    shardings = None if placement is None else shardings_for(placement, groups)
     arena = None
     if shardings is None or all(_on_one_cpu(shardings[p]) for p in groups):
         arena = _Arena(specs, buffer, file)
-    if shardings is not None:
-        import jax
 
     def build(path):
         buf = arena.view(path) if arena is not None else aligned_empty(*specs[path])
@@ -269,10 +240,8 @@ def assemble(
 def place_tree(params: Mapping[str, Any], placement: Any) -> dict[str, Any]:
     """``jax.device_put`` of every leaf by ``placement`` (see ``assemble``); aligned host arrays are
     adopted without a copy on a CPU device."""
-    import jax
-
     flat = flatten(params)
-    shardings = _shardings(placement, flat)
+    shardings = shardings_for(placement, flat)
     placed = {p: jax.device_put(v, shardings[p], may_alias=True) for p, v in flat.items()}
     jax.block_until_ready(list(placed.values()))
     return unflatten(placed)

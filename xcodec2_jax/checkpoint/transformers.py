@@ -17,7 +17,8 @@ from typing import Any
 
 import numpy as np
 
-from .io import Tensor, flatten, unflatten
+from ..utils.tree import flatten, unflatten
+from .io import Tensor
 
 # Checkpoint entries the inference model has no use for. They are recognised and dropped so that
 # strictness still catches every genuinely unknown key.
@@ -79,12 +80,6 @@ def layout_perm(leaf: str, ndim: int) -> tuple[int, ...] | None:
         if ndim == 3:  # Conv1d (out, in/groups, k) -> Conv (k, in/groups, out)
             return (2, 1, 0)
     return None
-
-
-def to_flax_layout(leaf: str, value: np.ndarray) -> np.ndarray:
-    """Torch layout -> Flax layout for a parameter whose Flax leaf name is ``leaf`` (a view)."""
-    perm = layout_perm(leaf, np.ndim(value))
-    return value if perm is None else np.transpose(value, perm)
 
 
 def map_state(

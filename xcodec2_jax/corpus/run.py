@@ -12,7 +12,6 @@ each item's codes are those ``Xcodec2Codec.encode`` gives it alone, whatever it 
 from __future__ import annotations
 
 import collections
-import math
 import os
 import sys
 import time
@@ -20,9 +19,20 @@ from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
+import jax
 import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from .shards import Plan, check_job, write_shard, write_summary
+from ..inference import batching, windows
+from ..inference.codec import Xcodec2Codec
+from ..inference.hub import DEFAULT_MODEL_ID
+from ..utils import validation
+from ..utils.compat import jax_distributed
+from ..utils.dtypes import compute_dtype
+from ..utils.files import is_temporary
+from ..utils.progress import progress_bar
+from ..utils.version import __version__
+from .shards import Plan, check_job, ids_digest, shard_stats, write_shard, write_summary
 from .sources import Item, list_items, read_item
 
 # Items of a shard are length-sorted into batches within windows of this many batches: a larger
@@ -48,8 +58,6 @@ def _prefetch_map(fn, items: Iterable, workers: int, ahead: int) -> Iterator:
 
 
 def _init_distributed(coordinator_address, num_processes, process_id, distributed: bool) -> None:
-    import jax
-
     explicit = coordinator_address is not None or num_processes is not None or process_id is not None
     if not (explicit or distributed) or jax.distributed.is_initialized():
         return
@@ -67,19 +75,13 @@ BARRIER_TIMEOUT_S = 24 * 3600
 def _barrier(name: str) -> None:
     """Wait for every process, through the coordination service: no device collective, so nothing to
     compile, and it works on every backend (sync_global_devices needs cross-process collectives)."""
-    from jax._src import distributed
-
-    distributed.global_state.client.wait_at_barrier(name, BARRIER_TIMEOUT_S * 1000)
+    jax_distributed.barrier(name, BARRIER_TIMEOUT_S)
 
 
 def _load(model, dtype, precision, batch_size, revision, cache_dir, compilation_cache):
-    import jax.numpy as jnp
-
-    from ..codec import Xcodec2Codec
-
     return Xcodec2Codec.from_pretrained(
         model,
-        dtype={"float32": jnp.float32, "bfloat16": jnp.bfloat16}.get(dtype, dtype),
+        dtype=compute_dtype(dtype),
         precision=precision,
         batch_size=batch_size,
         revision=revision,
@@ -92,15 +94,12 @@ class _Encoder:
     """Encodes batches of prepared items on the local mesh, one batch in flight while the next is built."""
 
     def __init__(self, codec, batch_size: int):
-        import jax
-        from jax.sharding import Mesh, NamedSharding, PartitionSpec
-
         self.codec = codec
         self.devices = jax.local_devices()
         self.batch_size = batch_size
         if len(self.devices) == 1:
             # The codec's own program, kept on disk between runs (see programs.py).
-            self.fn, self.params = codec._encode, codec.encode_params
+            self.fn, self.params = codec.programs.encode, codec.encode_params
         else:
             mesh = Mesh(np.array(self.devices), ("data",))
             replicated, rows = (
@@ -108,7 +107,7 @@ class _Encoder:
                 NamedSharding(mesh, PartitionSpec("data")),
             )
             self.fn = jax.jit(
-                codec._encode_fn,
+                codec.programs.encode_fn,
                 in_shardings=(replicated, rows),
                 out_shardings=rows,
                 compiler_options=codec.compiler_options or None,
@@ -120,17 +119,17 @@ class _Encoder:
         self._last_done = 0.0
 
     def rows(self, n: int) -> int:
-        from ..codec import batch_bucket
-
         d = len(self.devices)
-        return -(-batch_bucket(n, self.batch_size) // d) * d
+        return -(-batching.batch_bucket(n, self.batch_size) // d) * d
 
     def submit(self, batch: list[tuple[Any, dict]], sink) -> None:
         """Dispatch ``batch`` ((key, prepared) pairs) and collect the previous batch into ``sink``."""
-        from ..codec import length_bucket
-
-        n = length_bucket(max(p["num_codes"] for _, p in batch))
-        inputs = self.codec._batch_inputs([p["features"] for _, p in batch], n, self.rows(len(batch)))
+        n = batching.length_bucket(max(p["num_codes"] for _, p in batch))
+        parts = [p["features"] for _, p in batch]
+        codec = self.codec
+        inputs = batching.pad_batch(
+            parts, n, self.rows(len(batch)), codec.hop_length, codec.features.padding_value
+        )
         shape = (inputs["input_values"].shape[0], n)
         start = time.perf_counter()
         out = self.fn(self.params, inputs)
@@ -156,22 +155,20 @@ class _Encoder:
 
 
 def _prepare(codec, max_window_seconds, context_seconds):
-    from .. import windows
-
     hop = codec.hop_length
 
     def prepare(item: Item) -> dict:
         try:
             audio = read_item(item)
-            n = math.ceil((len(audio) + 1) / hop)
+            n = batching.num_codes(len(audio), hop)
             # An item past max_window_seconds becomes overlapping windows, each a row of its own,
             # exactly as Xcodec2Codec.encode plans and lays them out.
-            pieces = codec._plan([n], max_window_seconds, context_seconds)
+            pieces = batching.plan_pieces([n], hop, max_window_seconds, context_seconds)
             stats = None if len(pieces) == 1 else windows.feature_stats(audio, hop)
             parts = [
                 {
                     "num_codes": w.end - w.start,
-                    "features": codec._piece_inputs(audio, w, stats),
+                    "features": batching.piece_inputs(codec.features, audio, w, stats),
                     "keep": (w.keep_start - w.start, w.keep_end - w.start),
                     "offset": w.keep_start,
                 }
@@ -219,28 +216,21 @@ def tokenize(
     ``max_window_seconds`` / ``context_seconds``: long items are encoded in overlapping windows, as by
     ``Xcodec2Codec.encode`` (defaults: its defaults).
     """
-    import jax
-
-    from .. import __version__, windows
-    from ..codec import DEFAULT_MODEL_ID
-    from .shards import ids_digest
-
     if max_window_seconds is None:
         max_window_seconds = windows.DEFAULT_MAX_WINDOW_SECONDS
     if context_seconds is None:
         context_seconds = windows.DEFAULT_ENCODE_CONTEXT_SECONDS
-
-    if not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+    validation.positive_int(batch_size, "batch_size")
     _init_distributed(coordinator_address, num_processes, process_id, distributed)
     pid, nproc = jax.process_index(), jax.process_count()
     out = os.path.abspath(os.fspath(out))
     model = os.fspath(model or DEFAULT_MODEL_ID)
-    model_id = os.path.abspath(model) if os.path.isdir(model) else model
     items = list_items(sources)
     codec = _load(model, dtype, precision, batch_size, revision, cache_dir, compilation_cache)
+    # Bad window settings fail here, once, not once per item.
+    batching.plan_pieces([1], codec.hop_length, max_window_seconds, context_seconds)
     job = {
-        "model": model_id,
+        "model": os.path.abspath(model) if os.path.isdir(model) else model,
         "config": codec.config.to_dict(),
         "dtype": np.dtype(codec.dtype).name,
         "precision": None if precision is None else str(precision),
@@ -253,95 +243,115 @@ def tokenize(
     plan = Plan(out, len(items), shard_size)
     check_job(out, job, create=pid == 0)
     mine = plan.mine(pid, nproc)
-    for k in mine:  # leftovers of a killed run: temporary files of shards this process redoes
-        for sub in (os.path.dirname(plan.parquet(k)), os.path.dirname(plan.errors(k))):
-            if os.path.isdir(sub):
-                for name in os.listdir(sub):
-                    if name.startswith("." + plan.name(k)) and name.endswith(".tmp"):
-                        os.unlink(os.path.join(sub, name))
-
-    encoder = _Encoder(codec, batch_size)
-    workers = num_workers or max(2, min(16, os.cpu_count() or 2))
-    window = WINDOW_BATCHES * batch_size
-    todo = [items[i] for k in mine for i in plan.shards[k]]
-    prepare = _prepare(codec, max_window_seconds, context_seconds)
-    codec._plan([1], max_window_seconds, context_seconds)  # bad window settings fail here, not per item
-    stream = _prefetch_map(prepare, todo, workers, ahead=2 * window)
-    bar = None
-    if progress and pid == 0 and todo:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=len(todo), desc="tokenize", unit="item", disable=None, file=sys.stderr)
-    stats = {"process_id": pid, "items": 0, "errors": 0, "audio_seconds": 0.0, "wait_s": 0.0}
-    start = time.perf_counter()
-    for k in mine:
-        rows: dict[int, dict] = {}
-        errors: list[dict] = []
-
-        def sink(key, codes, rows=rows):
-            index, offset, (lo, hi) = key
-            rows[index]["codes"][offset : offset + hi - lo] = codes[lo:hi]
-
-        shard = plan.shards[k]
-        for w in range(0, len(shard), window):
-            ready, added = [], []
-            for index in shard[w : w + window]:
-                t = time.perf_counter()
-                prepared = next(stream)
-                stats["wait_s"] += time.perf_counter() - t
-                if "error" in prepared:
-                    errors.append(
-                        {"id": items[index].id, "path": items[index].path, "error": prepared["error"]}
-                    )
-                    continue
-                rows[index] = {
-                    "id": items[index].id,
-                    "codes": np.zeros(prepared["num_codes"], np.int32),
-                    "num_samples": prepared["num_samples"],
-                    "duration": prepared["num_samples"] / codec.sampling_rate,
-                }
-                added.append(index)
-                for part in prepared["parts"]:
-                    ready.append(((index, part.get("offset", 0), part["keep"]), part))
-            ready.sort(key=lambda p: -p[1]["num_codes"])
-            for b in range(0, len(ready), batch_size):
-                encoder.submit(ready[b : b + batch_size], sink)
-            seconds = sum(rows[i]["duration"] for i in added)
-            stats["audio_seconds"] += seconds
-            if bar is not None:
-                elapsed = time.perf_counter() - start
-                bar.update(len(shard[w : w + window]))
-                bar.set_postfix(
-                    hours=f"{stats['audio_seconds'] / 3600:.2f}",
-                    audio_s_per_s=f"{stats['audio_seconds'] / max(elapsed, 1e-9):.1f}",
-                    refresh=False,
-                )
-        encoder.collect(sink)
-        write_shard(plan, k, [rows[i] for i in sorted(rows)], errors)
-        stats["items"] += len(rows)
-        stats["errors"] += len(errors)
-    if bar is not None:
-        bar.close()
-    stats["wall_s"] = time.perf_counter() - start
-    stats["device_busy_s"] = encoder.busy_s
-    stats["device_idle_fraction"] = max(0.0, 1.0 - encoder.busy_s / stats["wall_s"]) if todo else 0.0
-    stats["compile_s"] = encoder.compile_s
-    stats["shapes"] = sorted(encoder.shapes)
-    stats["shards_written"] = len(mine)
+    _remove_leftovers(plan, mine)
+    run = _ShardRunner(codec, items, batch_size, max_window_seconds, context_seconds)
+    stats = run.shards(plan, mine, num_workers, progress and pid == 0)
+    stats["process_id"] = pid
     if nproc > 1:
         _barrier("xcodec2_jax.tokenize: all shards written")
-    extra = {
-        "library_version": __version__,
-        "num_devices": jax.device_count(),
-        "num_processes": nproc,
-    }
+    extra = {"library_version": __version__, "num_devices": jax.device_count(), "num_processes": nproc}
     if pid == 0:
         manifest = write_summary(plan, job, extra)
     else:
-        from .shards import shard_stats
-
         num, seconds, errs = shard_stats(plan)
         manifest = {**job, **extra, "num_items": num, "num_errors": len(errs), "audio_seconds": seconds}
     if nproc > 1:
         _barrier("xcodec2_jax.tokenize: manifest written")
     return {**manifest, "run": stats}
+
+
+def _remove_leftovers(plan: Plan, mine: list[int]) -> None:
+    """Temporary files of a killed run's shards that this process redoes."""
+    for k in mine:
+        for target in (plan.parquet(k), plan.errors(k)):
+            folder = os.path.dirname(target)
+            if os.path.isdir(folder):
+                for name in os.listdir(folder):
+                    if is_temporary(name, os.path.basename(target)):
+                        os.unlink(os.path.join(folder, name))
+
+
+class _ShardRunner:
+    """Runs this process's shards: items prepared on host threads, encoded in bucketed batches."""
+
+    def __init__(self, codec, items: list[Item], batch_size: int, max_window_seconds, context_seconds):
+        self.codec, self.items, self.batch_size = codec, items, batch_size
+        self.encoder = _Encoder(codec, batch_size)
+        self.prepare = _prepare(codec, max_window_seconds, context_seconds)
+        self.window = WINDOW_BATCHES * batch_size
+        self.stats = {"items": 0, "errors": 0, "audio_seconds": 0.0, "wait_s": 0.0}
+
+    def shards(self, plan: Plan, mine: list[int], num_workers: int | None, progress: bool) -> dict:
+        """Encode and write shards ``mine``; returns this run's statistics."""
+        todo = [self.items[i] for k in mine for i in plan.shards[k]]
+        workers = num_workers or max(2, min(16, os.cpu_count() or 2))
+        self.stream = _prefetch_map(self.prepare, todo, workers, ahead=2 * self.window)
+        self.bar = progress_bar(
+            None, "tokenize", "item", progress and bool(todo), total=len(todo), file=sys.stderr
+        )
+        self.start = time.perf_counter()
+        for k in mine:
+            rows, errors = self.shard(plan.shards[k])
+            write_shard(plan, k, [rows[i] for i in sorted(rows)], errors)
+            self.stats["items"] += len(rows)
+            self.stats["errors"] += len(errors)
+        if self.bar is not None:
+            self.bar.close()
+        stats, encoder = self.stats, self.encoder
+        stats["wall_s"] = time.perf_counter() - self.start
+        stats["device_busy_s"] = encoder.busy_s
+        stats["device_idle_fraction"] = max(0.0, 1.0 - encoder.busy_s / stats["wall_s"]) if todo else 0.0
+        stats["compile_s"] = encoder.compile_s
+        stats["shapes"] = sorted(encoder.shapes)
+        stats["shards_written"] = len(mine)
+        return stats
+
+    def shard(self, shard: list[int]) -> tuple[dict[int, dict], list[dict]]:
+        """(rows by item index, failed items) of one shard, every batch collected."""
+        rows: dict[int, dict] = {}
+        errors: list[dict] = []
+
+        def sink(key, codes):
+            index, offset, (lo, hi) = key
+            rows[index]["codes"][offset : offset + hi - lo] = codes[lo:hi]
+
+        for w in range(0, len(shard), self.window):
+            ready = self.take(shard[w : w + self.window], rows, errors)
+            ready.sort(key=lambda p: -p[1]["num_codes"])
+            for b in range(0, len(ready), self.batch_size):
+                self.encoder.submit(ready[b : b + self.batch_size], sink)
+            self.show(len(shard[w : w + self.window]))
+        self.encoder.collect(sink)
+        return rows, errors
+
+    def take(self, indices: list[int], rows: dict, errors: list) -> list:
+        """The next prepared items: a row (codes to fill) per good item, its pieces to encode."""
+        ready = []
+        for index in indices:
+            t = time.perf_counter()
+            prepared = next(self.stream)
+            self.stats["wait_s"] += time.perf_counter() - t
+            item = self.items[index]
+            if "error" in prepared:
+                errors.append({"id": item.id, "path": item.path, "error": prepared["error"]})
+                continue
+            duration = prepared["num_samples"] / self.codec.sampling_rate
+            rows[index] = {
+                "id": item.id,
+                "codes": np.zeros(prepared["num_codes"], np.int32),
+                "num_samples": prepared["num_samples"],
+                "duration": duration,
+            }
+            self.stats["audio_seconds"] += duration
+            ready += [((index, part["offset"], part["keep"]), part) for part in prepared["parts"]]
+        return ready
+
+    def show(self, count: int) -> None:
+        if self.bar is None:
+            return
+        seconds = self.stats["audio_seconds"]
+        elapsed = max(time.perf_counter() - self.start, 1e-9)
+        self.bar.update(count)
+        self.bar.set_postfix(
+            hours=f"{seconds / 3600:.2f}", audio_s_per_s=f"{seconds / elapsed:.1f}", refresh=False
+        )

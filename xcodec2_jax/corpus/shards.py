@@ -18,10 +18,11 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 from collections.abc import Sequence
 
 import numpy as np
+
+from ..utils.files import atomic_write, atomic_write_json
 
 DATA_DIR = "data"
 ERRORS_DIR = ".errors"
@@ -73,27 +74,6 @@ class Plan:
         return [k for k in range(process_id, len(self.shards), num_processes) if not self.is_complete(k)]
 
 
-def _atomic_write(path: str, write) -> None:
-    """``write(f)`` into a hidden temporary file beside ``path``, then rename it to ``path``."""
-    folder = os.path.dirname(path)
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix="." + os.path.basename(path) + ".", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
-def write_json(path: str, data: dict) -> None:
-    _atomic_write(path, lambda f: f.write((json.dumps(data, indent=2, sort_keys=True) + "\n").encode()))
-
-
 def ids_digest(ids: Sequence[str]) -> str:
     digest = hashlib.sha256()
     for i in ids:
@@ -121,7 +101,7 @@ def check_job(out: str, job: dict, create: bool) -> None:
         raise ValueError(
             f"{out}/{DATA_DIR} holds files but {out} has no {JOB_FILE}: not an output folder of ours"
         )
-    write_json(path, job)
+    atomic_write_json(path, job)
 
 
 def _short(value) -> str:
@@ -145,10 +125,10 @@ def write_shard(plan: Plan, k: int, rows: list[dict], errors: list[dict]) -> Non
         schema=schema(),
     )
     if rows:
-        _atomic_write(plan.parquet(k), lambda f: pq.write_table(table, f))
+        atomic_write(plan.parquet(k), lambda f: pq.write_table(table, f))
     elif os.path.exists(plan.parquet(k)):
         os.unlink(plan.parquet(k))
-    _atomic_write(plan.errors(k), lambda f: f.write("".join(json.dumps(e) + "\n" for e in errors).encode()))
+    atomic_write(plan.errors(k), lambda f: f.write("".join(json.dumps(e) + "\n" for e in errors).encode()))
 
 
 def shard_stats(plan: Plan) -> tuple[int, float, list[dict]]:
@@ -171,7 +151,7 @@ def shard_stats(plan: Plan) -> tuple[int, float, list[dict]]:
 def write_summary(plan: Plan, job: dict, extra: dict) -> dict:
     """``errors.jsonl`` and ``manifest.json`` from the shards on disk; returns the manifest."""
     num, seconds, errors = shard_stats(plan)
-    _atomic_write(
+    atomic_write(
         os.path.join(plan.out, ERRORS_FILE),
         lambda f: f.write("".join(json.dumps(e) + "\n" for e in errors).encode()),
     )
@@ -190,5 +170,5 @@ def write_summary(plan: Plan, job: dict, extra: dict) -> dict:
             if os.path.isfile(plan.parquet(k))
         ],
     }
-    write_json(os.path.join(plan.out, MANIFEST_FILE), manifest)
+    atomic_write_json(os.path.join(plan.out, MANIFEST_FILE), manifest)
     return manifest

@@ -18,9 +18,10 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from ..cli import AUDIO_SUFFIXES
+from ..inference.audio import prepare_item, read_audio, unreadable
+from ..utils.files import AUDIO_SUFFIXES, walk_files
 
-MANIFEST_SUFFIXES = (".txt", ".jsonl")
+MANIFEST_SUFFIXES = (".txt", ".lst", ".jsonl")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -32,21 +33,13 @@ class Item:
     row: int | None = None
 
 
-def _walk(root: str, suffixes: tuple[str, ...]) -> list[str]:
-    found = []
-    for dirpath, dirnames, filenames in os.walk(root):
-        dirnames.sort()
-        found += [os.path.join(dirpath, n) for n in sorted(filenames) if n.lower().endswith(suffixes)]
-    return found
-
-
 def _manifest_items(path: str) -> list[Item]:
     base = os.path.dirname(os.path.abspath(path))
     items = []
     with open(path, encoding="utf-8") as f:
         for number, line in enumerate(f, 1):
             line = line.strip()
-            if not line or (path.endswith(".txt") and line.startswith("#")):
+            if not line or (not path.endswith(".jsonl") and line.startswith("#")):
                 continue
             if path.endswith(".jsonl"):
                 try:
@@ -102,11 +95,11 @@ def list_items(sources: Sequence[str | os.PathLike]) -> list[Item]:
     for source in map(os.fspath, sources):
         if os.path.isdir(source):
             root = os.path.normpath(source)
-            parquets = _walk(root, (".parquet",))
+            parquets = walk_files(root, (".parquet",))
             if parquets:
                 found = [it for p in parquets for it in _parquet_items(p, os.path.relpath(p, root))]
             else:
-                found = [Item(os.path.relpath(p, root), p) for p in _walk(root, AUDIO_SUFFIXES)]
+                found = [Item(os.path.relpath(p, root), p) for p in walk_files(root, AUDIO_SUFFIXES)]
             if not found:
                 raise ValueError(
                     f"{source}: no Parquet files and no files ending in {', '.join(AUDIO_SUFFIXES)}"
@@ -179,8 +172,6 @@ def _parquet_audio(item: Item):
 
 def read_item(item: Item) -> np.ndarray:
     """An item's audio as 16 kHz mono float32; ValueError (one line) when it cannot be used."""
-    from ..codec import prepare_item, read_audio, unreadable
-
     if item.row is None:
         # Read whole, then decoded from memory: soundfile opens files under a process-wide lock,
         # so one slow (network, FIFO) file would otherwise stall every worker.

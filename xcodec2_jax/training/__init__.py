@@ -1,0 +1,1 @@
+"""Training: reconstruction losses, the data-parallel trainer and decoder fine-tuning."""
