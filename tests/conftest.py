@@ -32,6 +32,13 @@ def pytest_sessionfinish(session, exitstatus):
         shutil.rmtree(_SESSION_CACHE, ignore_errors=True)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _remove_temporary_files(tmp_path_factory):
+    """Every test's temporary folder goes when the session ends: the suite leaves nothing behind."""
+    yield
+    shutil.rmtree(tmp_path_factory.getbasetemp(), ignore_errors=True)
+
+
 # Markers follow from what a test uses, so that no test can forget one: `slow` for full-size models
 # and everything under integration/, `subprocess` for child processes, `torch` for a PyTorch reference.
 _TORCH_FIXTURES = {"small_ref", "full_ref", "original_small", "original_ref"}
@@ -48,6 +55,7 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(pytest.mark.subprocess)
         if fixtures & _TORCH_FIXTURES or f"{os.sep}parity{os.sep}" in path:
             item.add_marker(pytest.mark.torch)
+
 
 # A small config with odd sizes: 3 decoder layers, levels (5, 5, 5, 4) (odd half widths), a 5-layer
 # conformer with a short relative-position window, hop 320 so the semantic and acoustic frame rates

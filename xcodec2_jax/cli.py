@@ -14,6 +14,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from .checkpoint import prepared
 from .corpus.run import tokenize
 from .inference.audio import read_audio
 from .inference.codec import Xcodec2Codec
@@ -235,6 +236,14 @@ def build_parser() -> argparse.ArgumentParser:
         "$XCODEC2_JAX_CACHE_DIR, else $XDG_CACHE_HOME/xcodec2_jax/jax; a folder JAX is already "
         "configured with, e.g. by JAX_COMPILATION_CACHE_DIR, is kept)",
     )
+    common.add_argument(
+        "--params-cache-max-gb",
+        type=float,
+        metavar="GB",
+        help="size limit of the params cache (prepared checkpoints) beside the compilation cache; the least "
+        f"recently used entries go first (default ${prepared.ENV_MAX_GB}, else "
+        f"{prepared.DEFAULT_MAX_BYTES / 2**30:g})",
+    )
     cache.add_argument(
         "--no-cache",
         action="store_true",
@@ -399,8 +408,7 @@ def cmd_cache(args, run: _Run) -> None:
         print(f"{directory}: empty")
         return
     if args.action == "list":
-        for line in cache_listing(directory):
-            print(line)
+        print(prepared.format_entries(prepared.entries(directory)))
         return
     try:
         removed = prepared.clear(directory, args.key)
@@ -410,29 +418,21 @@ def cmd_cache(args, run: _Run) -> None:
     print(f"{directory}: removed {len(removed)} entr{'y' if len(removed) == 1 else 'ies'}")
 
 
-def cache_listing(directory: str) -> list[str]:
-    """The lines of ``xcodec2-jax cache list``: a header, one line per entry, the total."""
-    import datetime
-
-    entries = prepared.entries(directory)
-    lines = [f"{directory} (limit {prepared.max_bytes_setting() / 2**30:.1f} GiB)"]
-    lines.append(f"{'KEY':32}  {'SIZE':>9}  {'LAST USED':19}  SOURCE")
-    for e in entries:
-        used = datetime.datetime.fromtimestamp(e.last_used).strftime("%Y-%m-%d %H:%M:%S")
-        source = os.path.commonpath(e.sources) if e.sources else "-"
-        gone = " (source gone)" if e.missing_sources else ""
-        lines.append(f"{e.key:32}  {e.size / 2**30:7.2f} G  {used:19}  {source}{gone}")
-    total = sum(e.size for e in entries)
-    lines.append(f"{len(entries)} entr{'y' if len(entries) == 1 else 'ies'}, {total / 2**30:.2f} GiB")
-    return lines
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if getattr(args, "batch_size", 1) < 1:
         print("xcodec2-jax: --batch-size must be at least 1", file=sys.stderr)
         return EXIT_BAD_INPUT
     run = _Run()
+    limit = getattr(args, "params_cache_max_gb", None)
+    if limit is not None:
+        try:
+            prepared.max_bytes_setting(limit)
+        except ValueError as e:
+            print(f"xcodec2-jax: --params-cache-max-gb: {e}", file=sys.stderr)
+            return EXIT_BAD_INPUT
+        # The loaders read the limit from the environment (as a user's setting would be).
+        os.environ[prepared.ENV_MAX_GB] = str(limit)
     try:
         args.func(args, run)
     except ModelLoadError as e:

@@ -240,6 +240,7 @@ def test_host_buffer_is_allocated_once_and_fits(small_ref, monkeypatch, dtype):
     parameters (float32 islands included), not reallocated, and not much larger than they are."""
     import jax
 
+    import xcodec2_jax.checkpoint as checkpoint
     from xcodec2_jax.checkpoint import io, place
 
     sizes = []
@@ -251,6 +252,7 @@ def test_host_buffer_is_allocated_once_and_fits(small_ref, monkeypatch, dtype):
 
     monkeypatch.setattr(io, "populated_buffer", counting)
     monkeypatch.setattr(place, "populated_buffer", counting)
+    monkeypatch.setattr(checkpoint, "populated_buffer", counting)
     params = load_params(small_ref.path, dtype=dtype, device=jax.devices("cpu")[0])
     used = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(params))
     assert len(sizes) == 1

@@ -181,9 +181,9 @@ def test_encode_only_codec_encodes_the_same_and_refuses_to_decode(small_ref, tmp
     # (In the suite the params cache may map the encoder's entry already, which skips compiling
     # while loading; compiling ahead explicitly checks the same specs.)
     assert part.precompile_encode([len(audio)]) == 1
-    compiled = part._encode._cache_size()
+    compiled = part.programs.encode.num_compiled()
     codes = part.encode(audio, part.sampling_rate)
-    assert part._encode._cache_size() == compiled  # the program compiled ahead, for the encoder's params
+    assert part.programs.encode.num_compiled() == compiled  # the program compiled ahead, for the encoder's params
     np.testing.assert_array_equal(codes.codes, full.encode(audio, full.sampling_rate).codes)
     with pytest.raises(ValueError, match="encode_only"):
         part.decode(codes)

@@ -36,7 +36,7 @@ def _stream(stream, pieces, stream_id=0):
 
 def test_random_push_sizes_exact_length_one_compilation(codec, codes):
     rng = np.random.default_rng(0)
-    before = codec._decode._cache_size()
+    before = codec.programs.decode.num_compiled()
     results = []
     for _ in range(3):
         stream = codec.decode_stream(chunk=5, lookahead=3, context=7)
@@ -46,7 +46,7 @@ def test_random_push_sizes_exact_length_one_compilation(codec, codes):
         assert audio.shape == (len(codes) * HOP,)
         results.append(audio)
     # Three streams and dozens of pushes: one program, of shape (1, context + chunk + lookahead).
-    assert codec._decode._cache_size() - before == 1
+    assert codec.programs.decode.num_compiled() - before == 1
     # What a chunk decodes from never depends on how the codes were split into pushes.
     for other in results[1:]:
         np.testing.assert_array_equal(other, results[0])

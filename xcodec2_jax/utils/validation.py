@@ -89,7 +89,7 @@ def audio_array(audio: Any, label: str = "audio") -> np.ndarray:
 
 def _samples_by_channels(a: np.ndarray, label: str) -> np.ndarray:
     rows, cols = a.shape
-    if cols <= MAX_CHANNELS and rows > cols:
+    if cols <= MAX_CHANNELS and rows >= cols:
         return a
     if rows <= MAX_CHANNELS and cols > rows:
         return a.T

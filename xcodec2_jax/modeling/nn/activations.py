@@ -142,79 +142,75 @@ def _upsample_phases(
 
     x is replicate-padded into a buffer written by a dynamic_update_slice, each phase is one loop
     over unpadded slices of that buffer, written into its extended buffer by another, and the
-    extensions (two single samples, each computed from its few frames of x) are written over
-    its ends. That form matters on XLA:CPU (measured):
-    a pad fused into the filter loop costs ~10x, and the update-slices are what make XLA
-    materialise the padded input and act(phase) once instead of fusing (and recomputing) them
-    into every tap that reads them. It also keeps the graph small: the form before, which
-    computed the few frames next to each end from two small windows and concatenated them
-    around the interior, had XLA copy the activation of those windows into each of the
-    concatenations and fills that read them, a third of the encoder's compile time; and
-    extensions sliced from the built phases had XLA fuse a whole phase into each extension's
-    fill.
+    extensions are written over its ends. On XLA:CPU that form matters: a pad fused into the
+    filter loop costs ~10x, and the update-slices make XLA materialise the padded input and
+    act(phase) once instead of fusing (and recomputing) them into every tap that reads them.
 
     ``lengths`` (B,): item b's phases on frames below lengths[b] are then those of x[b, :lengths[b]]
-    alone, and so are the next extend[1] frames, which hold the item's last upsampled sample (the
-    last phase at frame lengths[b] - 1, the replicate padding the item alone has there): what the
-    downsampler reads for outputs below lengths[b]. Later frames are unspecified. Each item's
-    replicate pads are written over the few frames past its end that those outputs read: x's last
-    frame into the padded buffer (the upsampler's taps reach ``hi`` frames past the end), the last
-    upsampled sample into each phase buffer (the downsampler's reach ``extend[1]``). The phase
-    loops are those without lengths; the item's last sample comes from one small gather. (Before,
-    x was held at its last frame over the whole buffer and each phase selected past the end: the
-    same results, 0.45-0.65 s more of the acoustic encoder's compile, the same run time.)
+    alone, and so are the next extend[1] frames (what the downsampler reads for outputs below
+    lengths[b]); later frames are unspecified (see :func:`_hold_item_ends`).
     """
     act = act or (lambda v: v)
     taps = _upsample_taps(ratio, kernel_size)
     lo, hi = _span(taps)
     b, t, c = x.shape
-    e0, e1 = extend
+    e0, _ = extend
     edges = _extend(lax.full((b, t, c), 0, x.dtype), -lo, hi, x[:, :1], x[:, -1:])
     padded = lax.dynamic_update_slice_in_dim(edges, x, -lo, axis=1)
-    last = None
+    ends = None
     if lengths is not None:
-        # (B, 1); empty items: unspecified
-        end = jnp.clip(jnp.asarray(lengths, jnp.int32), 1, t)[:, None]
-        # x at the frames that the last phase's taps read at the item's frame end - 1, with the
-        # item's replicate padding, then at end - 1 itself.
-        offsets = np.asarray([o for o, _ in taps[-1]] + [0], np.int32)
-        frames = jnp.clip(end - 1 + offsets[None, :], 0, end - 1)
-        window = jnp.take_along_axis(x, frames[:, :, None], axis=1, mode=_IN_BOUNDS)
-        # The item's last upsampled sample.
-        last = act(_slice_sum([(window, [(i, coef) for i, (_, coef) in enumerate(taps[-1])])], 0, 1))
-        held = window[:, -1:]
-        # Item i alone reads x[i, end - 1] at frames end .. end + hi - 1 (its replicate padding), the
-        # only frames past its end that its outputs below end read: written over padded there.
-        if hi:
-            padded = _write_rows(padded, _broadcast_rows(held, hi), end[:, 0] - lo)
-    zeros = lax.full((b, e0 + t + e1, c), 0, x.dtype)
+        padded, ends = _hold_item_ends(x, padded, taps, lengths, act, lo, hi)
+    zeros = lax.full((b, e0 + t + extend[1], c), 0, x.dtype)
     phases = []
     for pt in taps:
         phase = act(_slice_sum([(padded, pt)], -lo, t))
         phases.append(lax.dynamic_update_slice_in_dim(zeros, phase, e0, axis=1))
-    # The extensions: the interleaved signal's first sample (phase 0 at frame 0) on the left, its
-    # last one on the right, which the downsampler reads. Without lengths both are sliced from the
-    # built phases. With lengths the left one is computed from its few frames of padded (slicing a
-    # phase there made XLA fuse the whole phase into the fill), and each item's last sample is
-    # written at its frames end .. end + e1 - 1, the only frames past its end that its outputs
-    # below end read; later frames are left as they are (outputs past an item's end are
-    # unspecified).
+    return _write_extensions(phases, padded, taps, act, lo, extend, ends)
+
+
+def _hold_item_ends(x: Array, padded: Array, taps, lengths: Array, act, lo: int, hi: int):
+    """(padded with each item's replicate padding, (ends (B, 1), each item's last upsampled sample)).
+
+    Each item's replicate pads are written over the few frames past its end that its valid outputs
+    read: x's last frame into the padded buffer (the upsampler's taps reach ``hi`` frames past the
+    end); the last upsampled sample, from one small gather, goes into each phase buffer later."""
+    t = x.shape[1]
+    end = jnp.clip(jnp.asarray(lengths, jnp.int32), 1, t)[:, None]  # (B, 1); empty items: unspecified
+    # x at the frames that the last phase's taps read at the item's frame end - 1, with the
+    # item's replicate padding, then at end - 1 itself.
+    offsets = np.asarray([o for o, _ in taps[-1]] + [0], np.int32)
+    frames = jnp.clip(end - 1 + offsets[None, :], 0, end - 1)
+    window = jnp.take_along_axis(x, frames[:, :, None], axis=1, mode=_IN_BOUNDS)
+    last = act(_slice_sum([(window, [(i, coef) for i, (_, coef) in enumerate(taps[-1])])], 0, 1))
+    if hi:  # item i alone reads x[i, end - 1] at frames end .. end + hi - 1
+        padded = _write_rows(padded, _broadcast_rows(window[:, -1:], hi), end[:, 0] - lo)
+    return padded, (end, last)
+
+
+def _write_extensions(phases: list[Array], padded: Array, taps, act, lo: int, extend, ends) -> list[Array]:
+    """The phases with their extensions: the interleaved signal's first sample (phase 0 at frame 0)
+    on the left, its last one on the right. With ``ends`` (from :func:`_hold_item_ends`) the left one
+    is computed from its few frames of ``padded`` (slicing a phase there made XLA fuse the whole
+    phase into the fill), and each item's last sample is written at its frames end .. end + e1 - 1."""
+    e0, e1 = extend
+    t = phases[0].shape[1] - e0 - e1
     fills = []
     if e0:
-        if last is None:
+        if ends is None:
             first = phases[0][:, e0 : e0 + 1]
         else:
             first = act(_slice_sum([(padded, [(o, coef) for o, coef in taps[0]])], -lo, 1))
         fills.append((_broadcast_rows(first, e0), 0))
-    if e1 and last is None:
+    if e1 and ends is None:
         fills.append((_broadcast_rows(phases[-1][:, e0 + t - 1 : e0 + t], e1), e0 + t))
-    for k, phase in enumerate(phases):
+    out = []
+    for phase in phases:
         for fill, at in fills:
             phase = lax.dynamic_update_slice_in_dim(phase, fill, at, axis=1)
-        if last is not None and e1:
-            phase = _write_rows(phase, _broadcast_rows(last, e1), end[:, 0] + e0)
-        phases[k] = phase
-    return phases
+        if ends is not None and e1:
+            phase = _write_rows(phase, _broadcast_rows(ends[1], e1), ends[0][:, 0] + e0)
+        out.append(phase)
+    return out
 
 
 def _write_rows(x: Array, rows: Array, starts: Array) -> Array:
