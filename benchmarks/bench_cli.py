@@ -66,7 +66,9 @@ with torch.inference_mode():
     codes = model.encode(**inputs).audio_codes
 np.save(out, codes[0, 0].numpy().astype(np.int32))
 """
-EXTRACTOR_IMPORT = "import numpy, soundfile; from xcodec2_jax.modeling.features import Xcodec2FeatureExtractor"
+EXTRACTOR_IMPORT = (
+    "import numpy, soundfile; from xcodec2_jax.modeling.features import Xcodec2FeatureExtractor"
+)
 
 
 def parse_args(argv=None) -> argparse.Namespace:

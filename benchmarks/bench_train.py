@@ -148,7 +148,7 @@ def main(argv=None) -> int:
     calls = {"jax": jax_step, "torch": torch_step}
     load_start = measure._loadavg()
     for r in range(args.rounds):
-        for name in (("jax", "torch") if r % 2 == 0 else ("torch", "jax")):
+        for name in ("jax", "torch") if r % 2 == 0 else ("torch", "jax"):
             start = time.perf_counter()
             (jax_losses if name == "jax" else torch_losses).append(calls[name]())
             times[name].append(time.perf_counter() - start)

@@ -18,6 +18,7 @@ from .checkpoint import prepared
 from .corpus.run import tokenize
 from .inference.audio import read_audio
 from .inference.codec import Xcodec2Codec
+from .inference.compilation_cache import resolve_cache_dir
 from .inference.hub import DEFAULT_MODEL_ID
 from .inference.llasa import text_to_codes
 from .training.finetune import finetune

@@ -12,8 +12,8 @@ from safetensors.numpy import load_file, save_file
 
 from xcodec2_jax import load_params
 from xcodec2_jax.checkpoint import CheckpointMismatchError, path_to_torch_key, torch_key_to_path
-from xcodec2_jax.modeling.model import abstract_params
 from xcodec2_jax.modeling.layout import checkpoint_shapes, unstack_layers
+from xcodec2_jax.modeling.model import abstract_params
 
 
 def _flat(tree, prefix=()):

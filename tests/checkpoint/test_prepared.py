@@ -133,8 +133,8 @@ def test_load_prepared_only_maps_what_is_there(small_ref, tmp_path):
 
 
 def test_modules_load_a_strictly_checked_subset_in_every_format(small_ref, tmp_path):
-    from xcodec2_jax.modeling.model import abstract_params
     from xcodec2_jax.modeling.layout import ENCODE_MODULES, MODULES
+    from xcodec2_jax.modeling.model import abstract_params
 
     assert sorted(abstract_params(small_ref.config)) == sorted(MODULES)
     full = load_params(small_ref.path)
@@ -183,7 +183,9 @@ def test_encode_only_codec_encodes_the_same_and_refuses_to_decode(small_ref, tmp
     assert part.precompile_encode([len(audio)]) == 1
     compiled = part.programs.encode.num_compiled()
     codes = part.encode(audio, part.sampling_rate)
-    assert part.programs.encode.num_compiled() == compiled  # the program compiled ahead, for the encoder's params
+    assert (
+        part.programs.encode.num_compiled() == compiled
+    )  # the program compiled ahead, for the encoder's params
     np.testing.assert_array_equal(codes.codes, full.encode(audio, full.sampling_rate).codes)
     with pytest.raises(ValueError, match="encode_only"):
         part.decode(codes)

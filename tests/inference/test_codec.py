@@ -219,7 +219,12 @@ def test_programs_compiled_while_loading(codec, small_ref, tmp_path):
 
     cache = str(tmp_path / "cache")
     env = {k: v for k, v in os.environ.items() if k != "JAX_COMPILATION_CACHE_DIR"}
-    env.update({"JAX_PLATFORMS": "cpu", "PYTHONPATH": os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))})
+    env.update(
+        {
+            "JAX_PLATFORMS": "cpu",
+            "PYTHONPATH": os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
+        }
+    )
     child = run_python(_AHEAD_CHILD, [small_ref.path, cache], env, "RESULT ", 300)
     # Two batches of different shapes: two programs, both compiled ahead, and nothing by encode.
     assert child["ahead"] == ["_Compiled", "_Compiled"] and child["compiled_ahead"] >= 2

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from xcodec2_jax.inference import compilation_cache as cache
 from xcodec2_jax.cli import main
+from xcodec2_jax.inference import compilation_cache as cache
 from xcodec2_jax.inference.llasa import (
     CODEBOOK_SIZE,
     LLASA_SPEECH_OFFSET,

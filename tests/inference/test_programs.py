@@ -10,7 +10,8 @@ import pytest
 import soundfile as sf
 from conftest import run_python
 
-from xcodec2_jax.inference import compilation_cache as cache, programs
+from xcodec2_jax.inference import compilation_cache as cache
+from xcodec2_jax.inference import programs
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 TIMEOUT_S = 300

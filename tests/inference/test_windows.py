@@ -89,7 +89,9 @@ def test_windows_batch_with_other_items(codec, long_speech, windowed_codes):
     items = [short[0], long_speech, short[1]]
     calls = []
     encode = codec.programs.encode
-    codec.programs.encode = lambda params, inputs: calls.append(len(inputs["input_values"])) or encode(params, inputs)
+    codec.programs.encode = lambda params, inputs: (
+        calls.append(len(inputs["input_values"])) or encode(params, inputs)
+    )
     try:
         together = codec.encode(
             items, 16000, batch_size=5, max_window_seconds=WINDOW_S, context_seconds=CONTEXT_S

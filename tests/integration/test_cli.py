@@ -13,8 +13,8 @@ import pytest
 import soundfile as sf
 from conftest import speech_files
 
-from xcodec2_jax.inference import compilation_cache as cache
 from xcodec2_jax.cli import build_parser, main
+from xcodec2_jax.inference import compilation_cache as cache
 
 
 @pytest.fixture(autouse=True)

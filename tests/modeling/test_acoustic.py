@@ -9,9 +9,9 @@ torch = pytest.importorskip("torch")
 modeling = pytest.importorskip("transformers.models.xcodec2.modeling_xcodec2")
 TorchConfig = pytest.importorskip("transformers.models.xcodec2.configuration_xcodec2").Xcodec2Config
 
-from xcodec2_jax.modeling.acoustic import AcousticEncoder  # noqa: E402
 from xcodec2_jax.checkpoint import convert_state_dict  # noqa: E402
 from xcodec2_jax.config import Xcodec2Config  # noqa: E402
+from xcodec2_jax.modeling.acoustic import AcousticEncoder  # noqa: E402
 from xcodec2_jax.modeling.nn import activations as act  # noqa: E402
 
 LENGTHS = [1, 3, 6, 7, 13, 1001]

@@ -16,9 +16,9 @@ from conftest import load_speech, rel_err
 
 from xcodec2_jax import Xcodec2FeatureExtractor, Xcodec2Model
 from xcodec2_jax.checkpoint import convert_state_dict
-from xcodec2_jax.utils.tree import flatten
 from xcodec2_jax.modeling.fsq import fsq_quantize, round_straight_through
 from xcodec2_jax.modeling.layout import checkpoint_shapes, stack_layers
+from xcodec2_jax.utils.tree import flatten
 
 TOLERANCE = 1e-4
 

@@ -19,8 +19,8 @@ import pytest
 from conftest import SMALL_CONFIG
 
 from xcodec2_jax.config import Xcodec2Config
-from xcodec2_jax.modeling.model import Xcodec2Model, abstract_params
 from xcodec2_jax.modeling.layout import keeps_float32
+from xcodec2_jax.modeling.model import Xcodec2Model, abstract_params
 from xcodec2_jax.modeling.nn.layers import resolve_precision
 
 CONFIG = Xcodec2Config.from_dict(SMALL_CONFIG)

@@ -1,4 +1,4 @@
-"""Parity of xcodec2_jax.modeling.semantic against transformers' Wav2Vec2BertModel and Xcodec2SemanticAdapter."""
+"""Parity of the semantic modules against transformers' Wav2Vec2BertModel and Xcodec2SemanticAdapter."""
 
 from __future__ import annotations
 

@@ -43,7 +43,7 @@ from xcodec2_jax.checkpoint import (
     read_state_dict,
     save_orbax,
 )
-from xcodec2_jax.checkpoint.original import WN_SUFFIXES, PATTERNS, match_key
+from xcodec2_jax.checkpoint.original import PATTERNS, WN_SUFFIXES, match_key
 from xcodec2_jax.config import Xcodec2Config, config_from_original, is_original_config, is_original_format
 from xcodec2_jax.modeling.layout import checkpoint_shapes, stack_layers
 

@@ -49,7 +49,7 @@ MODULES = list(_modules())
 
 def test_no_module_imports_the_package_root():
     offenders = []
-    for module, path, tree in MODULES:
+    for module, _path, tree in MODULES:
         if module == "xcodec2_jax":
             continue
         for node in ast.walk(tree):
@@ -63,7 +63,7 @@ def test_no_module_imports_the_package_root():
 def test_no_import_of_our_modules_inside_functions():
     """Lazy imports of heavy optional dependencies are fine; of our own modules they hide cycles."""
     offenders = []
-    for module, path, tree in MODULES:
+    for module, _path, tree in MODULES:
         for fn in ast.walk(tree):
             if not isinstance(fn, (ast.FunctionDef, ast.AsyncFunctionDef)):
                 continue
@@ -76,7 +76,7 @@ def test_no_import_of_our_modules_inside_functions():
 def test_no_module_reads_another_modules_private_names():
     """``from x import _name`` and ``x._name`` on an imported module of ours are not allowed."""
     offenders = []
-    for module, path, tree in MODULES:
+    for module, _path, tree in MODULES:
         ours = {}  # local name -> our module it is bound to
         for node in ast.walk(tree):
             if isinstance(node, ast.ImportFrom):
