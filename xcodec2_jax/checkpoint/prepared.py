@@ -179,6 +179,7 @@ def _prune_quietly(directory: str, keep: str | None) -> None:
         pass
 
 
+# long: space check, eviction, atomic write and the post-write size check in one transaction
 def prepare(
     directory: str,
     key: str,

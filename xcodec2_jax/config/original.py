@@ -116,6 +116,7 @@ def _infer(shapes: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
     return top, sem
 
 
+# long: a 20-line docstring of what the weights can and cannot tell
 def config_from_original(
     config: Mapping[str, Any] | None = None,
     shapes: Mapping[str, Any] | None = None,

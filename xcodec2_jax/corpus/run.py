@@ -183,6 +183,7 @@ def _prepare(codec, max_window_seconds, context_seconds):
     return prepare
 
 
+# long: 17 documented options; the body is the job's outline, its steps are functions below
 def tokenize(
     sources: str | os.PathLike | Sequence[str | os.PathLike],
     out: str | os.PathLike,

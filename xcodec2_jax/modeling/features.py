@@ -299,6 +299,7 @@ class Xcodec2FeatureExtractor:
             out.append(a)
         return out
 
+    # long: the reference's padding and truncation rules, each with its own error message
     def __call__(self, audio, sampling_rate=16000, padding=True, max_length=None, truncation=False):
         """Pad ``audio`` (a 1-D array, a (1, T) array, or a list of them) and compute the features.
 

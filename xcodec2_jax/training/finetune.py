@@ -106,6 +106,7 @@ def _check_settings(path: str, settings: dict, resuming: bool) -> None:
     atomic_write_json(path, settings)
 
 
+# long: the run's settings checked and recorded before training; the loop is _train
 def finetune(
     data: str,
     output: str,
