@@ -211,6 +211,7 @@ def cmd_tokenize(args, run: _Run) -> None:
         run.fail(args.output, str(e))
 
 
+# long: the options shared by every subcommand, each with its help text
 def build_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument(
