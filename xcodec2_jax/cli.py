@@ -393,11 +393,16 @@ def summary_line(result: dict, out: str) -> str:
 
 def _add_cache_parser(sub) -> None:
     p = sub.add_parser("cache", help="list or clear the params cache (prepared checkpoints)")
-    p.add_argument("--cache-dir", metavar="DIR", help="the compilation cache folder (default as for encode)")
+    where = argparse.ArgumentParser(add_help=False)
+    where.add_argument(
+        "--cache-dir", metavar="DIR", help="the compilation cache folder (default as for encode)"
+    )
     actions = p.add_subparsers(dest="action", required=True)
-    actions.add_parser("list", help="entries with size, last use and source")
-    clear = actions.add_parser("clear", help="remove every entry, or the one named KEY")
-    clear.add_argument("key", nargs="?", metavar="KEY", help="an entry's key, as `cache list` shows it")
+    actions.add_parser("list", parents=[where], help="entries with size, last use and source")
+    clear = actions.add_parser("clear", parents=[where], help="remove every entry, or the one named KEY")
+    clear.add_argument(
+        "key", nargs="?", metavar="KEY", help="an entry's key (or its prefix), as `cache list` shows"
+    )
     p.set_defaults(func=cmd_cache)
 
 

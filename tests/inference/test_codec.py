@@ -131,6 +131,28 @@ def test_bad_audio(codec, audio, rate, message):
         codec.encode(audio, rate)
 
 
+@pytest.mark.parametrize("batch_size", [0, -1, 2.5, True])
+def test_bad_batch_size_is_one_clear_error(codec, small_ref, batch_size):
+    with pytest.raises(ValueError, match="batch_size must be a positive integer"):
+        Xcodec2Codec(small_ref.config, None, batch_size=batch_size, compilation_cache=False)
+    with pytest.raises(ValueError, match="batch_size must be a positive integer"):
+        codec.encode(np.zeros(1000, np.float32), 16000, batch_size=batch_size)
+    with pytest.raises(ValueError, match="batch_size must be a positive integer"):
+        codec.decode(np.zeros(5, np.int32), batch_size=batch_size)
+
+
+@pytest.mark.parametrize("rate", [1, 1e9])
+def test_implausible_sampling_rate_is_refused_with_the_range(codec, rate):
+    with pytest.raises(ValueError, match=r"sampling_rate must be .* between 1000 and 768000"):
+        codec.encode(np.zeros(1600, np.float32), rate)
+
+
+def test_ambiguous_two_dimensional_audio_is_refused(codec):
+    """(17, T) could be 17 channels or 17 samples of T channels: refused, saying the layout to use."""
+    with pytest.raises(ValueError, match=r"item 0: cannot tell samples from channels.*\(samples, channels\)"):
+        codec.encode(np.zeros((17, 16000), np.float32), 16000)
+
+
 def test_bad_codes(codec):
     with pytest.raises(ValueError, match=r"item 1: .*\[0, 500\)"):
         codec.decode([np.zeros(5, np.int32), np.full(5, 500, np.int32)])

@@ -250,7 +250,7 @@ class Xcodec2Codec:
         """
         self._require_decoder()
         items, as_list = batching.code_items(codes, lengths, self.config.codebook_size)
-        hop, size = self.hop_length, validation.positive_int(batch_size or self.batch_size, "batch_size")
+        hop, size = self.hop_length, self._batch_size(batch_size)
         fade = windows.to_codes(crossfade_seconds, "crossfade_seconds", SAMPLING_RATE)
         plan = batching.plan([len(c) for c in items], hop, size, max_window_seconds, context_seconds, fade)
         out = [np.zeros(n * hop, np.float32) for n in plan.num_codes] if as_list else None
@@ -285,9 +285,12 @@ class Xcodec2Codec:
         return DecodeStream(self.programs.decode, self.params, self.config, batch_size=batch_size, **sizes)
 
     def _encode_plan(self, lengths, batch_size, max_window_seconds, context_seconds) -> batching.Plan:
-        size = validation.positive_int(batch_size or self.batch_size, "batch_size")
+        size = self._batch_size(batch_size)
         n_codes = [batching.num_codes(n, self.hop_length) for n in lengths]
         return batching.plan(n_codes, self.hop_length, size, max_window_seconds, context_seconds)
+
+    def _batch_size(self, batch_size: int | None) -> int:
+        return self.batch_size if batch_size is None else validation.positive_int(batch_size, "batch_size")
 
     def _pad(self, parts, codes: int, rows: int) -> dict[str, np.ndarray]:
         return batching.pad_batch(parts, codes, rows, self.hop_length, self.features.padding_value)
