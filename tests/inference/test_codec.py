@@ -207,13 +207,14 @@ _AHEAD_CHILD = r"""
 import json, sys
 import jax, numpy as np
 from xcodec2_jax import Xcodec2Codec
-from xcodec2_jax.inference import programs
+from xcodec2_jax.utils.compat import jax_monitoring
 lengths = [5000, 3100, 900]
 rng = np.random.default_rng(3)
 audio = [(0.1 * rng.standard_normal(n)).astype(np.float32) for n in lengths]
 compiled = []
 jax.monitoring.register_event_duration_secs_listener(
-    lambda event, duration, **kw: compiled.append(event) if event == programs._COMPILE_EVENT else None
+    lambda event, duration, **kw: compiled.append(event) if event == jax_monitoring.backend_compile_event()
+    else None
 )
 codec = Xcodec2Codec.from_pretrained(sys.argv[1], batch_size=2, compilation_cache=sys.argv[2],
                                      encode_lengths=lengths)
@@ -237,7 +238,7 @@ def test_programs_compiled_while_loading(codec, small_ref, tmp_path):
     import jax
     from conftest import run_python
 
-    from xcodec2_jax.inference import programs
+    from xcodec2_jax.utils.compat import jax_monitoring
 
     cache = str(tmp_path / "cache")
     env = {k: v for k, v in os.environ.items() if k != "JAX_COMPILATION_CACHE_DIR"}
@@ -260,7 +261,7 @@ def test_programs_compiled_while_loading(codec, small_ref, tmp_path):
     compiled = []
 
     def record(event, duration, **kwargs):
-        if event == programs._COMPILE_EVENT:
+        if event == jax_monitoring.backend_compile_event():
             compiled.append(event)
 
     jax.monitoring.register_event_duration_secs_listener(record)

@@ -12,6 +12,7 @@ from conftest import run_python
 
 from xcodec2_jax.inference import compilation_cache as cache
 from xcodec2_jax.inference import programs
+from xcodec2_jax.utils.compat import jax_monitoring
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 TIMEOUT_S = 300
@@ -124,7 +125,7 @@ def _compilations() -> list:
     seen = []
 
     def record(event, duration, **kwargs):
-        if event == programs._COMPILE_EVENT:
+        if event == jax_monitoring.backend_compile_event():
             seen.append(duration)
 
     jax.monitoring.register_event_duration_secs_listener(record)
@@ -210,6 +211,7 @@ def test_precompiled_program_falls_back_when_placed_elsewhere(tmp_path):
 import json, sys
 import numpy as np, jax, jax.numpy as jnp
 from xcodec2_jax.inference import programs
+from xcodec2_jax.utils.compat import jax_monitoring
 f = programs.CachedProgram(lambda x: x * 3 + 1, "test", "elsewhere", sys.argv[1])
 d0, d1 = jax.devices()[:2]
 spec = jax.ShapeDtypeStruct((4,), jnp.float32, sharding=jax.sharding.SingleDeviceSharding(d1))
@@ -233,6 +235,7 @@ def test_read_back_program_skips_lapack_init_only_when_it_calls_none(tmp_path):
 import json, sys
 import numpy as np, jax, jax.numpy as jnp
 from xcodec2_jax.inference import programs
+from xcodec2_jax.utils.compat import jax_monitoring
 kind = sys.argv[2]
 if kind == "plain":
     fn = lambda x: jnp.tanh(x) * 2

@@ -194,3 +194,35 @@ def test_masked_batch_decodes_each_item_as_alone(small_ref):
     unmasked = np.asarray(_decode_fn(config)(small_ref.params, codes))
     alone = _torch_decode(small_ref.model, codes=codes[1:2, :, : lengths[1]])[0, 0]
     assert rel_err(unmasked[1, 0, : lengths[1] * hop], alone)[1] > 1e-3
+
+
+def test_per_layer_params_decode_bit_identically(small_ref):
+    """The decoder runs on its layers stacked (scanned) or per layer (layout.per_layer, what the codec
+    holds so that XLA:CPU reads each layer's weights in place): the same audio, bit for bit, masked
+    or not; params holding both forms are refused."""
+    from xcodec2_jax.modeling.layout import per_layer
+
+    config = small_ref.config
+    codes = _random_codes(config, 2, 21, seed=7)
+    mask = (np.arange(21)[None] < np.asarray([21, 12])[:, None]).astype(np.int32)
+    model = Xcodec2Model(config)
+    decode = jax.jit(
+        lambda p, c, m: (
+            model.apply({"params": p}, c, audio_codes_mask=m, method=Xcodec2Model.decode).audio_values
+        )
+    )
+    split = per_layer(small_ref.params)
+    assert "layers" not in split["acoustic_decoder"] and "layers_0" in split["acoustic_decoder"]
+    assert "layers" in split["semantic_encoder"]["encoder"]  # the conformer stays stacked
+    for m in (mask, np.ones_like(mask)):
+        np.testing.assert_array_equal(
+            np.asarray(decode(split, codes, m)), np.asarray(decode(small_ref.params, codes, m))
+        )
+    both = dict(
+        split,
+        acoustic_decoder=dict(
+            split["acoustic_decoder"], layers=small_ref.params["acoustic_decoder"]["layers"]
+        ),
+    )
+    with pytest.raises(ValueError, match="both a stacked 'layers' and per-layer"):
+        decode(both, codes, mask)

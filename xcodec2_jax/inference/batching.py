@@ -139,6 +139,14 @@ def pad_batch(
     return inputs
 
 
+def silent_batch(extractor: Xcodec2FeatureExtractor, codes: int, rows: int) -> dict[str, np.ndarray]:
+    """A batch of ``rows`` items of ``codes`` codes, laid out as :func:`pad_batch` lays real ones out
+    (shapes and dtypes), from silence: what compiling a program ahead needs."""
+    hop = extractor.hop_length
+    part = extractor([np.zeros(codes * hop - 1, np.float32)], padding="max_length", max_length=codes * hop)
+    return pad_batch([part], codes, rows, hop, extractor.padding_value)
+
+
 def pad_codes(items: Sequence[np.ndarray], pieces: Sequence[windows.Window], batch: Batch):
     """(codes, mask), both int32 (rows, codes): the batch's pieces of the code sequences ``items``,
     zero-padded, the mask 1 on real codes."""

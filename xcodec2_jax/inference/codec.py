@@ -17,11 +17,12 @@ import jax.numpy as jnp
 import numpy as np
 
 from ..checkpoint import config_for, load_checkpoint, load_prepared
+from ..checkpoint.place import place_tree
 from ..checkpoint.prepared import params_dir
 from ..config import Xcodec2Config
 from ..modeling.features import Xcodec2FeatureExtractor
-from ..modeling.layout import ENCODE_MODULES
-from ..modeling.model import Xcodec2Model, abstract_params
+from ..modeling.layout import ENCODE_MODULES, per_layer
+from ..modeling.model import Xcodec2Model
 from ..utils import validation
 from ..utils.background import Background
 from ..utils.progress import progress_bar
@@ -30,7 +31,7 @@ from .audio import SAMPLING_RATE, prepare_audio
 from .batching import EncodedAudio
 from .compilation_cache import enable_compilation_cache
 from .hub import DEFAULT_MODEL_ID, resolve_checkpoint
-from .programs import CodecPrograms, encoder_params, programs_dir
+from .programs import CodecPrograms, encoder_param_specs, encoder_params, programs_dir, specs_of
 from .stream import DecodeStream
 
 
@@ -65,7 +66,8 @@ class Xcodec2Codec:
         self.model = Xcodec2Model(config, dtype=dtype, precision=precision)  # checks precision
         self.compilation_cache_dir = enable_compilation_cache(compilation_cache)
         self.config, self.dtype, self.precision = config, dtype, precision
-        self.params = None if params is None else jax.device_put(params)
+        # The decoder's layers per layer: XLA:CPU then reads their weights in place (layout.per_layer).
+        self.params = None if params is None else jax.device_put(per_layer(params))
         self.features = Xcodec2FeatureExtractor(hop_length=config.hop_length)
         # Traced programs are kept beside the compilation cache (and off with it).
         self.programs = CodecPrograms.build(
@@ -98,16 +100,14 @@ class Xcodec2Codec:
         path = resolve_checkpoint(path_or_repo_id, revision, cache_dir)
         codec = cls(config_for(path), None, **options)
         device = jax.local_devices()[0] if device is None else device
-        load = dict(
-            device=device,
-            params_cache=params_dir(codec.compilation_cache_dir),
-            modules=ENCODE_MODULES if encode_only else None,
-        )
-        if load["params_cache"] is not None:
-            ready = load_prepared(path, codec.config, **load)
-            if ready is not None:  # mapped in milliseconds: nothing to overlap with
-                codec.params = ready[1]
-                return codec
+        modules = ENCODE_MODULES if encode_only else None
+        # Loaded to the host (memory-mapped from the params cache when it is there), laid out for
+        # inference, then placed: a CPU device adopts the aligned host arrays without a copy.
+        load = dict(params_cache=params_dir(codec.compilation_cache_dir), modules=modules)
+        ready = load_prepared(path, codec.config, **load) if load["params_cache"] is not None else None
+        if ready is not None:  # mapped in milliseconds: nothing to overlap with
+            codec.params = place_tree(per_layer(ready[1]), device)
+            return codec
         worker = None
         if encode_lengths:
             fallback = "encode compiles when first called"
@@ -115,7 +115,7 @@ class Xcodec2Codec:
                 codec.precompile_encode, list(encode_lengths), device=device, fallback=fallback
             )
         try:
-            codec.params = load_checkpoint(path, codec.config, **load)[1]
+            codec.params = place_tree(per_layer(load_checkpoint(path, codec.config, **load)[1]), device)
         finally:
             if worker is not None:
                 worker.join()
@@ -136,22 +136,12 @@ class Xcodec2Codec:
         lengths = list(lengths)
         if not lengths or any(not validation.is_int(n) or n < 1 for n in lengths):
             raise ValueError(f"lengths must be a non-empty list of positive sample counts, got {lengths}")
-        if self.params is not None:
-            params = jax.tree.map(
-                lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), self.encode_params
-            )
-        else:
-            where = jax.sharding.SingleDeviceSharding(device or jax.local_devices()[0])
-            shapes = encoder_params(abstract_params(self.config))
-            params = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=where), shapes)
+        params = encoder_param_specs(self.params, self.config, device)
         plan = self._encode_plan(lengths, batch_size, max_window_seconds, context_seconds)
         shapes = sorted({(b.rows, b.codes) for b in plan.batches})
         for rows, n in shapes:
-            silence = np.zeros(n * self.hop_length - 1, np.float32)  # n codes
-            part = self.features([silence], padding="max_length", max_length=n * self.hop_length)
-            inputs = self._pad([part], n, rows)
-            specs = {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in inputs.items()}
-            self.programs.encode.precompile(params, specs)
+            inputs = batching.silent_batch(self.features, n, rows)
+            self.programs.encode.precompile(params, jax.tree.map(specs_of, inputs))
         return len(shapes)
 
     @property

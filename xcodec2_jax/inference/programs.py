@@ -43,7 +43,7 @@ import jax.numpy as jnp
 from jax import export
 
 from ..modeling.layout import ENCODE_MODULES
-from ..modeling.model import Xcodec2Model
+from ..modeling.model import Xcodec2Model, abstract_params
 from ..utils.compat import jax_export, jax_monitoring
 from ..utils.compat.libc import malloc_trim
 from ..utils.files import atomic_write
@@ -232,6 +232,21 @@ def encoder_params(params: dict) -> dict:
     """The params that the encode program takes: those of ``layout.ENCODE_MODULES``. Passing only
     these makes it one program whether or not the caller holds the decoder's weights too."""
     return {m: v for m, v in params.items() if m in ENCODE_MODULES}
+
+
+def specs_of(x) -> jax.ShapeDtypeStruct:
+    """The shape and dtype of an array (and its sharding if it is a committed jax.Array)."""
+    return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None))
+
+
+def encoder_param_specs(params: dict | None, config, device: jax.Device | None = None) -> dict:
+    """Specs of the encode program's params: those of ``params`` where they are placed, or, before
+    they are loaded (None), the model's shapes on ``device`` (default: the first local device)."""
+    if params is not None:
+        return jax.tree.map(specs_of, encoder_params(params))
+    where = jax.sharding.SingleDeviceSharding(device or jax.local_devices()[0])
+    shapes = encoder_params(abstract_params(config))
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=where), shapes)
 
 
 @dataclasses.dataclass

@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ..config import Xcodec2Config
-from .nn.layers import GroupNorm, RMSNorm, attention, conv1d, resolve_precision, scan_layers, zero_masked
+from .nn.layers import GroupNorm, RMSNorm, attention, conv1d, resolve_precision, run_layers, zero_masked
 
 
 class ResNetBlock(nn.Module):
@@ -196,8 +196,9 @@ class Decoder(nn.Module):
         x = embed(zero_masked(x, mask))
         for i in range(2):
             x = ResNetBlock(*opts, name=f"prior_net_{i}")(x, mask)
-        # The layers are identical: one is traced and scanned over their stacked parameters.
-        x = scan_layers(DecoderLayer, cfg.num_hidden_layers)(*opts, name="layers")(x, mask)
+        # The layers are identical: one is traced and scanned over their stacked parameters, or run
+        # one by one on per-layer parameters (layout.per_layer), which XLA:CPU reads without copies.
+        x = run_layers(self, DecoderLayer, cfg.num_hidden_layers, "layers", opts, x, mask)
         for i in range(2):
             x = ResNetBlock(*opts, name=f"post_net_{i}")(x, mask)
         x = nn.LayerNorm(epsilon=1e-6, dtype=jnp.float32, use_fast_variance=False, name="norm")(x)

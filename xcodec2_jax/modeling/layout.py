@@ -132,3 +132,26 @@ def parameter_groups(paths, stacks: Mapping[tuple[str, ...], int]) -> dict[tuple
         else:
             out.setdefault(slot[0], []).append((slot[1], path))
     return out
+
+
+# Parents whose layers inference runs on per-layer arrays (see ``nn.layers.run_layers``): the
+# decoder's. The conformer stays stacked: its scan's copies cost little beside its attention.
+PER_LAYER_FOR_INFERENCE = (("acoustic_decoder",),)
+
+
+def per_layer(params: Mapping[str, Any], parents=PER_LAYER_FOR_INFERENCE) -> dict:
+    """``params`` with the stacked layers under ``parents`` given one entry per layer (``layers_i``,
+    the checkpoints' layout), which the model runs without copying each layer's weights out of the
+    stack on every call. Host arrays become views (nothing copied); device arrays are sliced once.
+    Do it once, outside ``jit``; parents already per layer (or absent) are left as they are."""
+    flat = flatten(params)
+    out = {}
+    for path, value in flat.items():
+        parent = next((p for p in parents if path[: len(p) + 1] == p + ("layers",)), None)
+        if parent is None:
+            out[path] = value
+            continue
+        rest = path[len(parent) + 1 :]
+        for i in range(value.shape[0]):
+            out[parent + (f"layers_{i}",) + rest] = value[i]
+    return unflatten(out)
