@@ -1,5 +1,5 @@
 """The command line in process: argument errors and the params cache command (the commands that
-run the model, in subprocesses, are in integration/test_cli.py)."""
+run the model, in subprocesses, are in integration/test_cli_runs.py)."""
 
 from __future__ import annotations
 
