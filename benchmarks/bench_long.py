@@ -29,12 +29,21 @@ HOP = 320
 RATE = 16000
 
 
+_WORK = None
+
+
 def checkpoint(config: str) -> str:
     """A random-weight reference checkpoint for ``config`` ("small": the tests' SMALL_CONFIG, seed 0;
-    "full": transformers' default config), saved once under the temp folder and reused."""
-    import tempfile
+    "full": transformers' default config), saved once per run in a temporary folder removed at exit."""
+    global _WORK
+    if _WORK is None:
+        import atexit
+        import shutil
+        import tempfile
 
-    path = os.path.join(tempfile.gettempdir(), f"xcodec2_bench_long_{config}")
+        _WORK = tempfile.mkdtemp(prefix="xcodec2_bench_long_")
+        atexit.register(shutil.rmtree, _WORK, True)
+    path = os.path.join(_WORK, config)
     if not os.path.isfile(os.path.join(path, "config.json")):
         sys.path.insert(0, os.path.join(REPO, "tests"))
         from conftest import SMALL_CONFIG, build_reference

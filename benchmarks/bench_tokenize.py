@@ -21,6 +21,7 @@ import datetime
 import glob
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -138,6 +139,13 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     checkpoint = args.checkpoint or build_checkpoint(args.build_checkpoint, "full")
     work = tempfile.mkdtemp(prefix="xcodec2_bench_tokenize_")
+    try:
+        return _measure(args, checkpoint, work)
+    finally:  # the corpus, the outputs and their params cache: gigabytes, never left behind
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def _measure(args, checkpoint: str, work: str) -> int:
     src = os.path.join(work, "src")
     os.makedirs(src)
     seconds = make_corpus(src, args.files, args.min_seconds, args.max_seconds)
