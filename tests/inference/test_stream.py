@@ -132,7 +132,7 @@ def test_bad_input(codec, small_ref):
         stream.push(np.array([1]))
     with pytest.raises(ValueError, match="already flushed"):
         stream.flush()
-    with pytest.raises(ValueError, match="chunk must be an integer >= 1"):
+    with pytest.raises(ValueError, match="chunk must be a positive integer"):
         codec.decode_stream(chunk=0)
     with pytest.raises(ValueError, match="lookahead"):
         codec.decode_stream(lookahead=-1)

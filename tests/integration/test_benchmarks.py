@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import sys
 
 import pytest
@@ -80,18 +79,17 @@ def test_rows_have_fields_and_positive_times(results):
     assert encode["jax"]["distinct_codes"] > 1
 
 
-def test_report_regenerates_readme_block(results, tmp_path):
-    readme = tmp_path / "README.md"
-    shutil.copy(os.path.join(REPO, "benchmarks", "README.md"), readme)
-    before = readme.read_text()
-    head, tail = before.split(report.START)[0], before.split(report.END)[1]
-    assert report.main(["--results", str(results), "--readme", str(readme)]) == 0
-    after = readme.read_text()
-    assert after.startswith(head) and after.endswith(tail)
-    block = after.split(report.START)[1].split(report.END)[0]
-    assert "| tiny | float32 | 1 s × 1 | encode |" in block
-    assert "hf-numpy" in block and "codes 100.00%" in block and "matmul GFLOP/s during" in block
+def test_report_generates_results_md(results, tmp_path):
+    """report.py turns every results*.jsonl of a folder into RESULTS.md (one row per run), the same
+    bytes each time, with the plot beside it."""
+    out = tmp_path / "RESULTS.md"
+    args = ["--results-dir", str(results.parent), "--out", str(out)]
+    assert report.main(args) == 0
+    text = out.read_text()
+    assert "| tiny | float32 | 1 s × 1 | encode |" in text
+    assert "hf-numpy" in text and "codes 100.00%" in text and "matmul GFLOP/s during" in text
     assert (tmp_path / "results.png").stat().st_size > 0
+    assert report.main(args) == 0 and out.read_text() == text
 
 
 def test_time_interleaved_alternates_and_stops():

@@ -69,7 +69,14 @@ class Segments:
 def load_clips(data: str) -> list[np.ndarray]:
     """Every readable clip of ``data`` (what ``tokenize`` reads: a folder, a ``.txt``/``.lst``/``.jsonl``
     manifest, Parquet); unreadable ones skipped with one line on stderr each."""
-    items = list_items([data])
+    suffixes = ", ".join(AUDIO_SUFFIXES)
+    try:
+        items = list_items([data])
+    except ValueError:
+        if os.path.isdir(data):  # a folder without audio: say it as for unreadable files
+            what = f"it holds no audio files; audio files end in {suffixes}"
+            raise ValueError(f"{data}: no usable audio ({what})") from None
+        raise
     clips = []
     for item in items:
         try:
@@ -77,8 +84,8 @@ def load_clips(data: str) -> list[np.ndarray]:
         except ValueError as e:
             _warn(item.path, str(e))
     if not clips:
-        what = f"none of its {len(items)} item(s) could be read"
-        raise ValueError(f"{data}: no usable audio ({what}; audio files end in {', '.join(AUDIO_SUFFIXES)})")
+        what = f"none of its {len(items)} file(s) could be read"
+        raise ValueError(f"{data}: no usable audio ({what}; audio files end in {suffixes})")
     return clips
 
 
