@@ -32,6 +32,19 @@ def pytest_sessionfinish(session, exitstatus):
         shutil.rmtree(_SESSION_CACHE, ignore_errors=True)
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _release_module_memory():
+    """What a test module compiled and built goes with it: JAX's in-memory caches of compiled
+    programs (full-size ones hold hundreds of MB) and the module's garbage."""
+    yield
+    import gc
+
+    import jax
+
+    jax.clear_caches()
+    gc.collect()
+
+
 @pytest.fixture(scope="session", autouse=True)
 def _remove_temporary_files(tmp_path_factory):
     """Every test's temporary folder goes when the session ends: the suite leaves nothing behind."""
@@ -48,6 +61,9 @@ _SLOW_FIXTURES = {"full_ref"}
 def pytest_collection_modifyitems(config, items):
     for item in items:
         fixtures = set(getattr(item, "fixturenames", ()))
+        # Parametrized over fixture names (request.getfixturevalue): the name is in the test's id.
+        callspec = getattr(item, "callspec", None)
+        fixtures |= {name for name in _TORCH_FIXTURES if callspec is not None and name in callspec.id}
         path = str(item.fspath)
         if fixtures & _SLOW_FIXTURES or f"{os.sep}integration{os.sep}" in path:
             item.add_marker(pytest.mark.slow)

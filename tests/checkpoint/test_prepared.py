@@ -169,6 +169,7 @@ def test_modules_still_check_the_whole_checkpoint(small_ref, tmp_path):
         load_params(tmp_path / "bad", modules=ENCODE_MODULES)
 
 
+@pytest.mark.slow
 def test_encode_only_codec_encodes_the_same_and_refuses_to_decode(small_ref, tmp_path):
     from conftest import speech_files
 

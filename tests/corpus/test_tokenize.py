@@ -95,6 +95,8 @@ def _env(devices: int = 1) -> dict:
     return env
 
 
+@pytest.mark.subprocess
+@pytest.mark.slow
 def test_tree_on_four_devices(small_ref, corpus, expected, tmp_path):
     out = tmp_path / "out"
     code = (
@@ -166,6 +168,7 @@ def _wait_for(predicate, timeout: float, proc=None) -> None:
         time.sleep(0.05)
 
 
+@pytest.mark.subprocess
 def test_sigkill_after_first_shard_then_rerun(small_ref, corpus, expected, tmp_path):
     """The second item is a FIFO nobody writes: the child writes shard 0, then blocks, and is killed."""
     src = tmp_path / "src"
@@ -210,6 +213,8 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.subprocess
+@pytest.mark.slow
 def test_two_processes_share_the_items(small_ref, corpus, expected, tmp_path):
     out = tmp_path / "out"
     address = f"127.0.0.1:{_free_port()}"
@@ -298,6 +303,7 @@ def test_parquet_and_manifest_sources(small_ref, corpus, expected, tmp_path):
         tokenize(tmp_path / "dup.txt", tmp_path / "x", model=small_ref.path, progress=False)
 
 
+@pytest.mark.slow
 def test_long_items_in_windows_equal_the_codec(small_ref, corpus, tmp_path):
     """An item past max_window_seconds is encoded in windows that batch with other items, giving
     exactly the codec's windowed encode of it; the window settings are part of the job."""

@@ -27,6 +27,7 @@ def _model_codes_alone(small_ref, audio):
     return np.asarray(out.audio_codes)[0, 0]
 
 
+@pytest.mark.slow
 def test_encode_list_equals_model_per_item(codec, small_ref):
     speech = load_speech()
     encoded = codec.encode(speech, 16000)
@@ -38,6 +39,7 @@ def test_encode_list_equals_model_per_item(codec, small_ref):
         assert not encoded.codes[i, encoded.lengths[i] :].any()
 
 
+@pytest.mark.slow
 def test_single_item_gives_batch_of_one(codec, small_ref):
     audio = load_speech()[3]
     encoded = codec.encode(audio, 16000)
@@ -45,6 +47,7 @@ def test_single_item_gives_batch_of_one(codec, small_ref):
     np.testing.assert_array_equal(encoded[0], _model_codes_alone(small_ref, audio))
 
 
+@pytest.mark.slow
 def test_batch_size_does_not_change_codes(codec):
     speech = load_speech()
     a = codec.encode(speech, 16000, batch_size=1)
@@ -77,6 +80,7 @@ def test_downmix_and_int_scaling():
     np.testing.assert_allclose(to_mono_float32(np.array([0, 255], np.uint8)), [-1.0, 127 / 128])
 
 
+@pytest.mark.slow
 def test_one_compilation_per_bucket(codec):
     """20 different lengths inside one length bucket compile the encode function once."""
     rng = np.random.default_rng(0)
@@ -88,6 +92,7 @@ def test_one_compilation_per_bucket(codec):
     assert codec.programs.encode.num_compiled() - before == 1
 
 
+@pytest.mark.slow
 def test_decode_shapes_and_equality_to_model(codec, small_ref):
     codes = np.random.default_rng(0).integers(0, small_ref.config.codebook_size, (3, 20)).astype(np.int32)
     audio = codec.decode(codes)
@@ -108,6 +113,7 @@ def test_decode_shapes_and_equality_to_model(codec, small_ref):
         )
 
 
+@pytest.mark.slow
 def test_encode_decode_roundtrip_object(codec):
     speech = load_speech()[:2]
     encoded = codec.encode(speech, 16000)
@@ -228,6 +234,8 @@ print("RESULT " + json.dumps({
 """
 
 
+@pytest.mark.subprocess
+@pytest.mark.slow
 def test_programs_compiled_while_loading(codec, small_ref, tmp_path):
     """A first-ever process: from_pretrained(encode_lengths=...) compiles the encode programs while
     the checkpoint loads, and encode of audio of those lengths then compiles nothing and gives the

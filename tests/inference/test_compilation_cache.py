@@ -91,6 +91,8 @@ def wavs(tmp_path_factory):
     return paths
 
 
+@pytest.mark.subprocess
+@pytest.mark.slow
 def test_second_process_compiles_nothing_for_the_same_bucket(small_ref, wavs, tmp_path):
     env = _env(XDG_CACHE_HOME=str(tmp_path / "xdg"))
     folder = tmp_path / "xdg" / "xcodec2_jax" / "jax"  # the per-user default, no flag or variable set
@@ -113,6 +115,8 @@ def test_second_process_compiles_nothing_for_the_same_bucket(small_ref, wavs, tm
     assert _files(folder) == written
 
 
+@pytest.mark.subprocess
+@pytest.mark.slow
 def test_off_switches_write_nothing(small_ref, wavs, tmp_path):
     xdg = tmp_path / "xdg"
     flag = _child(
@@ -128,6 +132,8 @@ def test_off_switches_write_nothing(small_ref, wavs, tmp_path):
     assert not xdg.exists()
 
 
+@pytest.mark.subprocess
+@pytest.mark.slow
 def test_cache_dir_flag_and_variable(small_ref, wavs, tmp_path):
     """--cache-dir, then the variable naming the same folder from the Python API: a hit."""
     xdg, folder = tmp_path / "xdg", tmp_path / "mine"
@@ -159,6 +165,7 @@ print("RESULT " + json.dumps({"threshold": threshold, "used": used, "warning": w
 """
 
 
+@pytest.mark.subprocess
 def test_a_folder_jax_is_configured_with_is_kept(tmp_path):
     jax_dir, xdg = tmp_path / "jax", tmp_path / "xdg"
     env = _env(JAX_COMPILATION_CACHE_DIR=str(jax_dir), XDG_CACHE_HOME=str(xdg))

@@ -64,6 +64,8 @@ def _env(cache_dir: str) -> dict:
     return env
 
 
+@pytest.mark.subprocess
+@pytest.mark.slow
 def test_second_process_traces_nothing(small_ref, wav, tmp_path):
     env = _env(str(tmp_path / "cache"))
     first = _run(small_ref.path, wav, env)
@@ -76,6 +78,8 @@ def test_second_process_traces_nothing(small_ref, wav, tmp_path):
     assert len(set(first["codes"])) > 1  # codes that can tell a wrong program from a right one
 
 
+@pytest.mark.subprocess
+@pytest.mark.slow
 def test_unreadable_program_is_traced_again(small_ref, wav, tmp_path):
     env = _env(str(tmp_path / "cache"))
     first = _run(small_ref.path, wav, env)
@@ -87,6 +91,8 @@ def test_unreadable_program_is_traced_again(small_ref, wav, tmp_path):
     assert again["traces"] == {"encode": 1, "decode": 1} and again["codes"] == first["codes"]
 
 
+@pytest.mark.subprocess
+@pytest.mark.slow
 def test_cache_off_keeps_nothing(small_ref, wav, tmp_path):
     env = _env(str(tmp_path / "cache"))
     out = _run(small_ref.path, wav, env, setting="off")
@@ -205,6 +211,7 @@ def test_call_during_precompile_waits_instead_of_compiling_again(tmp_path, monke
     assert len(seen) == 1 and f.num_compiled() == 1
 
 
+@pytest.mark.subprocess
 def test_precompiled_program_falls_back_when_placed_elsewhere(tmp_path):
     """Arguments on another device than the specs said: the jitted program runs instead."""
     code = r"""
@@ -226,6 +233,8 @@ print("RESULT " + json.dumps({"out": np.asarray(out).tolist(), "again": np.asarr
     assert result["out"] == result["again"] == [1.0, 4.0, 7.0, 10.0]
 
 
+@pytest.mark.subprocess
+@pytest.mark.slow
 def test_read_back_program_skips_lapack_init_only_when_it_calls_none(tmp_path):
     """Lowering a read-back program whose module calls no LAPACK kernel does not import scipy (JAX
     initializes its CPU LAPACK kernels from scipy.linalg for any exported call); one that does call

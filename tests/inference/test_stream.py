@@ -81,6 +81,7 @@ def test_short_context_differs_but_stays_close(codec, codes):
     assert snr > 0
 
 
+@pytest.mark.slow
 def test_batched_streams_equal_single_streams(codec, small_ref):
     rng = np.random.default_rng(3)
     lengths = [41, 12, 30]

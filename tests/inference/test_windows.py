@@ -74,6 +74,7 @@ def test_crossfade_weights_sum_to_one():
     np.testing.assert_allclose(out, 1.0, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_windowed_encode(long_speech, whole_codes, windowed_codes):
     n = math.ceil((len(long_speech) + 1) / HOP)
     whole, windowed = whole_codes, windowed_codes
@@ -82,6 +83,7 @@ def test_windowed_encode(long_speech, whole_codes, windowed_codes):
     assert MIN_AGREEMENT <= agreement < 1.0
 
 
+@pytest.mark.slow
 def test_windows_batch_with_other_items(codec, long_speech, windowed_codes):
     """A long file and short ones in one call: the windows ride in the same batches as the short
     items (fewer encoder calls than batching them apart), and every item gets what it gets alone."""
@@ -107,6 +109,7 @@ def test_windows_batch_with_other_items(codec, long_speech, windowed_codes):
         np.testing.assert_array_equal(together[i], apart[j])
 
 
+@pytest.mark.slow
 def test_windowed_decode(codec, whole_codes):
     codes = whole_codes
     whole = codec.decode(codes, max_window_seconds=None)[0]

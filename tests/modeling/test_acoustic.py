@@ -185,6 +185,7 @@ def test_small_odd_config_matches_reference(small_pair):
     assert out.shape == (2, 2400 // 24, 64)
 
 
+@pytest.mark.slow
 def test_batch_equals_single_runs(small_pair):
     _, run, params = small_pair
     wave = jnp.asarray(_speech_like(2, 2400))
@@ -211,6 +212,7 @@ def test_lengths_make_each_item_encode_as_alone(tiny_pair):
     assert len(_torch_apply(ref, waves[:1])[0]) == 81
 
 
+@pytest.mark.slow
 def test_full_config_matches_reference():
     ref, module, params = _encoder_pair({})
     wave = _speech_like(1, 16000)
@@ -239,6 +241,7 @@ def test_rejects_channels_first_input(small_pair):
         run({"params": params}, jnp.zeros((1, 1, 2400)))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("width", [7, 40, 200])
 def test_anti_aliased_lengths_equal_items_alone(width):
     # Signals shorter and longer than the filters' reach, and items of every length from 1 frame to

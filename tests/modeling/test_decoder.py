@@ -47,6 +47,7 @@ def test_decode_codes_matches_reference(which, request):
     assert rel <= 1e-4
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("which", ["small_ref", "full_ref"])
 def test_decode_latents_matches_reference(which, request):
     ref = request.getfixturevalue(which)
@@ -104,6 +105,7 @@ def test_reference_rope_is_a_no_op(small_ref, monkeypatch):
     assert ours_vs_rope <= 1e-4
 
 
+@pytest.mark.slow
 def test_grouped_kv_heads(monkeypatch):
     """GQA (4 heads, 2 kv heads). The reference's head-indexed RoPE cannot broadcast over fewer kv heads
     and raises; with its (no-op) RoPE removed it runs, and our decoder matches it."""

@@ -11,6 +11,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 import torch
 from conftest import load_speech, rel_err
 
@@ -73,6 +74,7 @@ def _frozen_zero(ours, ref_flat, module="semantic_encoder"):
             assert not np.any(np.asarray(value)) and not np.any(ref_flat[path]), path
 
 
+@pytest.mark.slow
 def test_decoder_gradients_match_torch(small_ref):
     """d(sum(w * audio)) / d(decoder params, latents), audio decoded from latents."""
     config, tmodel = small_ref.config, small_ref.model
@@ -98,6 +100,7 @@ def test_decoder_gradients_match_torch(small_ref):
     assert rel <= TOLERANCE
 
 
+@pytest.mark.slow
 def test_encoder_gradients_match_torch(small_ref):
     """Two losses, each against torch: ``sum(w_h * hidden)`` of the pre-quantization hidden states
     and ``sum(w_l * latents)`` of the straight-through latents, differentiated w.r.t. every

@@ -57,6 +57,7 @@ def _check_codes(which, ours, expected_codes, expected_latents):
     assert rel <= 1e-4
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("which, seconds", [("small_ref", None), ("full_ref", 2.0)])
 def test_codes_equal_reference_per_utterance(which, seconds, request):
     ref = request.getfixturevalue(which)
@@ -67,6 +68,7 @@ def test_codes_equal_reference_per_utterance(which, seconds, request):
         _check_codes(f"{which} utterance {i}", encode(ref.params, feats), codes, latents)
 
 
+@pytest.mark.slow
 def test_padded_batch_codes_and_mask_equal_reference(small_ref):
     audio = _speech()[:3]
     assert len({len(a) for a in audio}) == 3
@@ -93,6 +95,7 @@ def test_padded_batch_codes_and_mask_equal_reference(small_ref):
         assert our_diff == ref_diff
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("which", ["small_ref", "full_ref"])
 def test_submodules_match_reference(which, request):
     """Each stage on its own, so a regression points at its module."""
@@ -135,6 +138,7 @@ def test_submodules_match_reference(which, request):
     np.testing.assert_array_equal(codes, codes_ref[..., 0].numpy())
 
 
+@pytest.mark.slow
 def test_call_roundtrip_matches_reference(small_ref):
     feats = _features(_speech()[:2])
     model = Xcodec2Model(small_ref.config)
@@ -149,6 +153,7 @@ def test_call_roundtrip_matches_reference(small_ref):
     assert ours.latents is None
 
 
+@pytest.mark.slow
 def test_encode_rejects_bad_shapes(small_ref):
     model = Xcodec2Model(small_ref.config)
     feats = _features(_speech(0.5)[:1])
@@ -168,6 +173,7 @@ def test_encode_rejects_bad_shapes(small_ref):
         )
 
 
+@pytest.mark.slow
 def test_isolate_items_makes_batched_codes_equal_alone(small_ref):
     """isolate_items: a padded batch gives every item exactly its codes alone, where the reference's
     batching may change an item's last codes."""
@@ -191,6 +197,7 @@ def test_isolate_items_makes_batched_codes_equal_alone(small_ref):
         )
 
 
+@pytest.mark.slow
 def test_bfloat16_compute_runs_close_to_float32(small_ref):
     """bf16 compute (FSQ, norms, softmax and ISTFT stay fp32) against float32 on the test speech.
 

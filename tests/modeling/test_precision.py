@@ -79,6 +79,7 @@ def test_float32_lowers_every_dot_and_convolution_at_highest(lowering, isolate):
         assert not left, f"{name} ({lowering}): {len(left)} of {len(found)} ops not HIGHEST: {left[:5]}"
 
 
+@pytest.mark.slow
 def test_generic_lowering_uses_convolutions_and_unchunked_attention():
     cpu, generic = _lowered(lowering="cpu")["encode"], _lowered(lowering="generic")["encode"]
     # The CPU variant turns k <= 3 convolutions into matmuls and chunks attention queries in a loop.

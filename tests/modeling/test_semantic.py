@@ -99,6 +99,7 @@ def test_small_config_parity():
     assert _report(f"small ({attn})", got, _reference(model, x)) <= 1e-5
 
 
+@pytest.mark.slow
 def test_full_default_config_parity():
     model, cfg = _torch_encoder(full_noise=False)
     assert cfg == SemanticConfig()  # X-Codec2's default semantic encoder
@@ -112,6 +113,7 @@ def test_full_default_config_parity():
     assert _report("full default config, 100 frames", got, want) <= 1e-4
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("attn", ["eager", "sdpa"])
 def test_padded_batch(attn):
     model, cfg = _torch_encoder(SMALL, attn=attn, seed=3)

@@ -24,6 +24,7 @@ def _same_tree(a, b) -> bool:
     )
 
 
+@pytest.mark.slow
 def test_convert_transformers_checkpoint_and_verify(small_ref, tmp_path, capsys):
     dst = tmp_path / "orbax"
     assert main([small_ref.path, str(dst), "--verify", speech_files()[0]]) == 0
@@ -131,6 +132,8 @@ print("RESULT" + json.dumps(out))
 """
 
 
+@pytest.mark.subprocess
+@pytest.mark.slow
 def test_orbax_over_several_devices_restored_a_group_at_a_time(small_ref, tmp_path):
     """Over several devices Orbax reads each device's part, a group of arrays per call; to one device
     the arrays are read whole, without Orbax's restore; both give the same params, cast alike."""

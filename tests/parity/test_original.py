@@ -355,6 +355,7 @@ def _jitted(config: Xcodec2Config):
     return encode, decode
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("layout", list(LAYOUTS))
 def test_jax_matches_original(original, layout):
     path = original["paths"][layout]
@@ -439,6 +440,7 @@ def _full_release_shapes(monkeypatch) -> dict[str, tuple[int, ...]]:
     return {f"{name}.{k}": tuple(v.shape) for name, m in parts.items() for k, v in m.state_dict().items()}
 
 
+@pytest.mark.slow
 def test_full_size_release_layout(monkeypatch):
     """The release's full-size modules, shapes only: the rewrite gives exactly transformers' full-size
     key set and shapes, and the shapes plus the release's config.json give the default config."""

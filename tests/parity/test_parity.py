@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 
+import pytest
 from conftest import speech_files
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -23,6 +24,8 @@ def _parity(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
     )
 
 
+@pytest.mark.subprocess
+@pytest.mark.slow
 def test_parity_report_float32_highest(small_ref, tmp_path):
     audio = min(speech_files(), key=os.path.getsize)  # the shortest utterance, under a second
     report_path = tmp_path / "report.json"
@@ -47,6 +50,7 @@ def test_parity_report_float32_highest(small_ref, tmp_path):
     assert report["device"]["backend"] and report["device"]["device_kind"]
 
 
+@pytest.mark.subprocess
 def test_parity_missing_audio(small_ref, tmp_path):
     missing = str(tmp_path / "nope.wav")
     proc = _parity(small_ref.path, speech_files()[0], missing, timeout=120)

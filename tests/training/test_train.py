@@ -69,6 +69,7 @@ def _losses(out) -> list[float]:
     return [e["loss"] for e in entries]
 
 
+@pytest.mark.slow
 def test_finetune_loss_falls_and_output_loads(uninterrupted, tiny_ref):
     from xcodec2_jax import Xcodec2Codec, load_params
     from xcodec2_jax.utils.tree import flatten
@@ -92,6 +93,8 @@ def test_finetune_loss_falls_and_output_loads(uninterrupted, tiny_ref):
     assert codes.codes.shape == (1, 51) and codes.codes.max() < codec.config.codebook_size
 
 
+@pytest.mark.subprocess
+@pytest.mark.slow
 def test_killed_run_resumes_to_the_same_losses(uninterrupted, tiny_ref, data_dir, tmp_path):
     out = tmp_path / "killed"
     cmd = [sys.executable, "-m", "xcodec2_jax", "finetune", str(data_dir), "-o", str(out)]
@@ -152,6 +155,8 @@ print("RESULT" + json.dumps(results))
 """
 
 
+@pytest.mark.subprocess
+@pytest.mark.slow
 def test_step_on_four_devices_matches_one(tiny_ref, tmp_path):
     speech = load_speech()[2]
     np.save(tmp_path / "audio.npy", np.stack([speech[i * 4000 : i * 4000 + 6400] for i in range(4)]))
@@ -217,6 +222,7 @@ def test_train_config_validation():
         split_params({"acoustic_decoder": {}}, ("decoder",))
 
 
+@pytest.mark.slow
 def test_bfloat16_step_keeps_float32_master_weights(tiny_ref):
     import jax
     import jax.numpy as jnp
