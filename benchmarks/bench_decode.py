@@ -132,6 +132,14 @@ def _run(name: str, kind: str, repo: str | None, args) -> dict:
     return json.loads(line[-1][len("RESULT ") :])
 
 
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor() or platform.machine()
+
+
 def _summary(name: str, rows: list[dict], torch_median: float | None, roof: float) -> dict:
     median = statistics.median(statistics.median(r["times"]) for r in rows)
     out = dict(impl=name, median_s=median, best_s=min(min(r["times"]) for r in rows))
@@ -185,7 +193,7 @@ def main(argv=None) -> int:
     common = dict(
         date=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
         commit=commit.stdout.strip() or None,
-        hardware=f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs",
+        hardware=f"{_cpu_model()}, {os.cpu_count()} CPUs",
         command="python -m benchmarks.bench_decode " + " ".join(argv if argv is not None else sys.argv[1:]),
         codes=args.codes,
         batch=args.batch,

@@ -454,8 +454,8 @@ def console_main() -> int:
 
     Every command imports JAX, Flax and the model, and their objects live until the process ends.
     Frozen out of the collector (``gc.freeze``), they are no longer walked by each full collection
-    (a first-ever ``encode`` ran six, 0.08 s each), and freezing again at the end spares the exit
-    its walk over everything the run made (0.3 s after a full-model encode)."""
+    (a first-ever ``encode`` ran several), and freezing again at the end spares the exit its walk
+    over everything the run made."""
     import gc
 
     gc.freeze()

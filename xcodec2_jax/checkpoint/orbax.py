@@ -57,7 +57,7 @@ def save_orbax(
         raise FileExistsError(f"{target} exists (pass overwrite=True to replace it)")
     config.save_pretrained(directory)
     # Uncompressed: Orbax's default zstd saves ~8% of the size of float32 weights and costs about as
-    # much CPU time again at every restore (full model: 5.3 s and 9.4 CPU s against 3.2 s and 5 CPU s).
+    # much CPU time again at every restore (the full model's restore took 1.7x as long compressed).
     # The on-disk format is the one StandardCheckpointer reads.
     checkpointer = ocp.PyTreeCheckpointer(use_compression=False)
     checkpointer.save(target, params, force=overwrite)
@@ -112,9 +112,8 @@ def open_arrays(path: str | os.PathLike, stored: Stored) -> dict:
 
     The specs are Orbax's (OCDBT or not, zarr2 or zarr3, compressed or not); the context is Orbax's
     plus ``file_io_mode: memmap``: the files are mapped, so a raw chunk is copied once, from the page
-    cache into its destination. With reads into buffers of their own (the default ``pread``), a
-    full-model load took 1.4-3.3 s of reading and up to 1.8x the checkpoint's bytes in peak RSS;
-    mapped, 0.2-0.3 s and nothing beyond the destinations (2-core VM, page cache warm).
+    cache into its destination; with reads into buffers of their own (the default ``pread``), a
+    load took several times as long and up to 1.8x the checkpoint's bytes in peak RSS.
     """
     import tensorstore as ts
     from etils import epath

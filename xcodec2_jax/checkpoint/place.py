@@ -30,8 +30,7 @@ from .transformers import path_to_torch_key
 
 def _block(itemsize: int) -> int:
     # Rows per block: each transposed write then covers 256 bytes (four cache lines) of a
-    # destination row. Measured on the encoder's weights (1.77 GB, 2 cores): 64-byte blocks 1.5 CPU s,
-    # 256-byte 0.85-0.9, 512-byte 1.05-1.1, 1024-byte 1.3.
+    # destination row, which kept both the reads and the writes in cache best of the sizes tried.
     return max(8, 256 // itemsize)
 
 
@@ -123,9 +122,8 @@ def _no_readahead(mapped: np.memmap) -> None:
     The copies write the file through the mapping; each first write to a page faults it in, and with
     readahead the kernel allocates large page-cache folios for the file's holes and zero-fills them.
     On a virtual machine whose host has taken back the guest's free memory, those high-order
-    allocations cost far more than single pages (perf of a slow first-ever ``xcodec2-jax encode``:
-    38% of its CPU samples in that zero-filling; system time 4.9-8.2 s in two of three runs after
-    the torch script, against 2.4-2.5 s in all three with MADV_RANDOM)."""
+    allocations cost far more than single pages: that zero-filling took over a third of a slow
+    first-ever ``xcodec2-jax encode``."""
     if hasattr(mmap, "MADV_RANDOM"):
         numpy_mmap.advise(mapped, mmap.MADV_RANDOM)
 

@@ -46,7 +46,7 @@ from ..modeling.layout import ENCODE_MODULES
 from ..modeling.model import Xcodec2Model, abstract_params
 from ..utils.compat import jax_export, jax_monitoring
 from ..utils.compat.libc import malloc_trim
-from ..utils.files import atomic_write
+from ..utils.files import atomic_write, walk_files
 from ..utils.version import __version__
 
 PROGRAMS_DIR = "xcodec2_jax_programs"
@@ -62,14 +62,10 @@ _calling = threading.local()  # set while one of our programs is being called on
 def _source_digest() -> str:
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     digest = hashlib.sha256()
-    for dirpath, dirnames, filenames in os.walk(root):
-        dirnames[:] = sorted(d for d in dirnames if d != "__pycache__")
-        for name in sorted(filenames):
-            if name.endswith(".py"):
-                path = os.path.join(dirpath, name)
-                digest.update(os.path.relpath(path, root).encode())
-                with open(path, "rb") as f:
-                    digest.update(f.read())
+    for path in walk_files(root, (".py",)):
+        digest.update(os.path.relpath(path, root).encode())
+        with open(path, "rb") as f:
+            digest.update(f.read())
     return digest.hexdigest()
 
 

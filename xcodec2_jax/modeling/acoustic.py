@@ -3,7 +3,7 @@
 Waveform (B, T, 1) → conv → blocks that each run three dilated residual units, an anti-aliased
 SnakeBeta and a strided conv doubling the channels → anti-aliased SnakeBeta → conv →
 (B, T // hop, hidden_size). Submodules carry the reference's attribute names so that
-`weights.convert_state_dict` maps the transformers keys by identity.
+the checkpoint loaders (``checkpoint.transformers.map_state``) map the transformers keys by identity.
 """
 
 from __future__ import annotations

@@ -2,8 +2,8 @@
 
 Mirrors transformers' ``Wav2Vec2BertModel`` (eval mode: no SpecAugment, no dropout, no LayerDrop)
 with ``position_embeddings_type="relative_key"`` and no adapter, and ``Xcodec2SemanticAdapter``.
-Modules are named after the torch attributes so ``weights.convert_state_dict`` maps the checkpoint
-by identity. Everything is channels-last (B, F, C); parameters are fp32, matmuls and convolutions
+Modules are named after the torch attributes so ``checkpoint.transformers.map_state`` maps the
+checkpoint by identity. Everything is channels-last (B, F, C); parameters are fp32, matmuls and convolutions
 run in ``dtype``, LayerNorm and softmax in fp32.
 """
 

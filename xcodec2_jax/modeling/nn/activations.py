@@ -7,10 +7,10 @@ Speed: the reference spends most of its encoder time on CPU here, in grouped and
 convolutions that run far below peak. Instead every resampler is a short sum of shifted slices
 times scalar taps (polyphase for the upsampler, so no zero-stuffed sample is ever multiplied),
 which XLA fuses into one vectorised loop, and the upsample → SnakeBeta → downsample chain never
-builds the 2T-long signal. Three details matter a lot under XLA:CPU (measured, see
-`_upsample_phases`): the replicate pads must not be fused into those loops, the activation must
-be materialised once rather than fused into every tap that reads it, and `jnp.sin` compiles to
-scalar code, so sin² uses a vectorisable polynomial as accurate as the library sine (~1e-7).
+builds the 2T-long signal. Three details matter a lot under XLA:CPU (see `_upsample_phases`): the
+replicate pads must not be fused into those loops, the activation must be materialised once rather
+than fused into every tap that reads it, and `jnp.sin` compiles to scalar code, so sin² uses a
+vectorisable polynomial as accurate as the library sine (~1e-7).
 """
 
 from __future__ import annotations
@@ -215,9 +215,8 @@ def _write_extensions(phases: list[Array], padded: Array, taps, act, lo: int, ex
 
 def _write_rows(x: Array, rows: Array, starts: Array) -> Array:
     """x (B, T, C) with rows (B, n, C) written at frames starts[b] .. starts[b] + n - 1 of each item
-    (starts in range). One item: a dynamic_update_slice; several: one scatter (measured on the
-    acoustic encoder's compile: a dynamic_update_slice per item cost +0.4 s at 4 items and +2.8 s at
-    8, the scatter 0.4 s more than the update-slice at 1)."""
+    (starts in range). One item: a dynamic_update_slice; several: one scatter, since an update-slice
+    per item grows the acoustic encoder's compile time with the batch size."""
     if x.shape[0] == 1:
         return lax.dynamic_update_slice(x, rows, (jnp.int32(0), starts[0], jnp.int32(0)))
     items = np.arange(x.shape[0], dtype=np.int32)[:, None]
