@@ -153,6 +153,8 @@ def command(row: dict) -> str:
 
 
 def hardware(row: dict) -> str:
+    if isinstance(row.get("hardware"), str):
+        return row["hardware"]
     dev = row.get("device")
     if isinstance(dev, dict):
         parts = [dev.get("cpu_model") or dev.get("machine") or "CPU"]
@@ -860,12 +862,13 @@ def train_section(rows: list[dict], ctx: dict) -> list[str]:
 
 def generic_section(rows: list[dict], ctx: dict) -> list[str]:
     skip = {"run_id", "timestamp", "date", "git", "commit", "command", "argv", "device", "versions"}
+    skip.add("hardware")
     fields: list[str] = []
     for r in rows:
         fields += [
             k for k, v in r.items() if k not in skip and k not in fields and not isinstance(v, (dict, list))
         ]
-    fields = fields[:12]
+    fields = fields[:14]
 
     def fmt(v):
         return _num(v, 3) if isinstance(v, float) else v

@@ -162,3 +162,19 @@ def test_bench_load_measures_each_format_in_a_fresh_process(small_ref, tmp_path)
         assert 0 < row["trace_s"] < row["seconds"], row
         assert row["leaf_type"] == "ArrayImpl" and row["param_bytes"] > 0, row
         assert row["peak_rss"] >= row["rss_after_imports"] > 0, row
+
+
+def test_bench_decode_rows(small_ref, tmp_path):
+    """bench_decode on a small checkpoint: one row per implementation, with the run's date, commit,
+    hardware and command, times, achieved GFLOP/s against the matmul roof, and the ratio to torch."""
+    from benchmarks import bench_decode
+
+    out = tmp_path / "decode.jsonl"
+    argv = [small_ref.path, "--rounds", "1", "--reps", "1", "--codes", "20", "--out", str(out)]
+    assert bench_decode.main(argv) == 0
+    rows = {r["impl"]: r for r in map(json.loads, out.read_text().splitlines())}
+    assert set(rows) == {"model", "model-stacked", "codec", "torch"}
+    for row in rows.values():
+        assert {"date", "commit", "hardware", "command"} <= set(row) and row["median_s"] > 0
+        assert row["speed_vs_torch"] > 0
+    assert rows["model"]["gflop_per_s"] > 0 and rows["model"]["roof_gflop_per_s"] > 0
