@@ -138,3 +138,168 @@ def mel_loss(x, y, sample_rate: int = 16000, fft_size: int = 1024, hop_size: int
         return jnp.log(jnp.maximum(mel_spectrogram(a, sample_rate, fft_size, hop_size, n_mels), 1e-7))
 
     return jnp.mean(jnp.abs(log_mel(x) - log_mel(y)))
+
+
+# ---------------------------------------------------------------------------------------------------
+# X-Codec2's GAN training recipe (X-Codec-2.0's criterions/ and lightning_module.py): the
+# multi-resolution mel loss, LSGAN adversarial losses and feature matching.
+# ---------------------------------------------------------------------------------------------------
+
+# criterions/mel_loss.py's MultiResolutionMelSpectrogramLoss defaults: hop = window / 4, FFT = window.
+MEL_LOSS_N_MELS = (5, 10, 20, 40, 80, 160, 320)
+MEL_LOSS_WINDOW_LENGTHS = (32, 64, 128, 256, 512, 1024, 2048)
+
+# The Slaney (Auditory Toolbox) mel scale: linear (200/3 Hz per mel) below 1 kHz, logarithmic above
+# (27 mels per factor 6.4).
+_SLANEY_HZ_PER_MEL = 200.0 / 3.0
+_SLANEY_BREAK_HZ = 1000.0
+_SLANEY_BREAK_MEL = _SLANEY_BREAK_HZ / _SLANEY_HZ_PER_MEL
+_SLANEY_LOG_STEP = np.log(6.4) / 27.0
+
+
+def _hz_to_slaney_mel(hz: np.ndarray) -> np.ndarray:
+    hz = np.asarray(hz, np.float64)
+    log_part = (
+        _SLANEY_BREAK_MEL + np.log(np.maximum(hz, _SLANEY_BREAK_HZ) / _SLANEY_BREAK_HZ) / _SLANEY_LOG_STEP
+    )
+    return np.where(hz >= _SLANEY_BREAK_HZ, log_part, hz / _SLANEY_HZ_PER_MEL)
+
+
+def _slaney_mel_to_hz(mel: np.ndarray) -> np.ndarray:
+    mel = np.asarray(mel, np.float64)
+    log_part = _SLANEY_BREAK_HZ * np.exp(
+        _SLANEY_LOG_STEP * (np.maximum(mel, _SLANEY_BREAK_MEL) - _SLANEY_BREAK_MEL)
+    )
+    return np.where(mel >= _SLANEY_BREAK_MEL, log_part, mel * _SLANEY_HZ_PER_MEL)
+
+
+@functools.lru_cache(maxsize=32)
+def slaney_mel_filter_bank(
+    sample_rate: int, fft_size: int, n_mels: int, f_min: float = 0.0, f_max: float | None = None
+) -> np.ndarray:
+    """torchaudio's ``melscale_fbanks(norm="slaney", mel_scale="slaney")``, as its ``MelSpectrogram``
+    builds it, computed in float64.
+
+    Triangles spaced evenly on the Slaney mel scale between ``f_min`` and ``f_max`` (default
+    ``sample_rate // 2``), evaluated at the FFT bins (spread over 0 .. ``sample_rate // 2`` Hz, integer
+    division as torchaudio's), each scaled by 2 / (its width in Hz) so that all have equal area.
+
+    Returns:
+        (fft_size // 2 + 1, n_mels) float32.
+    """
+    f_max = float(sample_rate // 2) if f_max is None else f_max
+    if not 0 <= f_min < f_max <= sample_rate / 2:
+        raise ValueError(f"need 0 <= f_min < f_max <= sample_rate / 2, got f_min={f_min}, f_max={f_max}")
+    bins = np.linspace(0, sample_rate // 2, fft_size // 2 + 1)
+    hz = _slaney_mel_to_hz(np.linspace(_hz_to_slaney_mel(f_min), _hz_to_slaney_mel(f_max), n_mels + 2))
+    slopes = hz[None, :] - bins[:, None]  # (bins, n_mels + 2)
+    widths = np.diff(hz)
+    triangles = np.maximum(0.0, np.minimum(-slopes[:, :-2] / widths[:-1], slopes[:, 2:] / widths[1:]))
+    return (triangles * (2.0 / (hz[2:] - hz[:-2]))).astype(np.float32)
+
+
+def _log10_mel(x, sample_rate: int, window_length: int, n_mels: int, clamp_eps: float) -> jnp.ndarray:
+    """log10(clamp(mel, clamp_eps)) of torchaudio's ``MelSpectrogram(n_fft=window_length,
+    hop_length=window_length // 4, power=1, center=True, norm="slaney", mel_scale="slaney")``;
+    (B, n_mels, frames)."""
+    spec = _spectrum(x, window_length, window_length // 4, window_length)
+    # The magnitude's gradient at an exactly zero bin is NaN; the tiny floor keeps it finite and is
+    # far below the clamp.
+    magnitude = jnp.sqrt(jnp.real(spec) ** 2 + jnp.imag(spec) ** 2 + 1e-20)
+    fb = jnp.asarray(slaney_mel_filter_bank(sample_rate, window_length, n_mels))
+    mel = jnp.einsum("btf,fm->bmt", magnitude, fb, precision=jax.lax.Precision.HIGHEST)
+    return jnp.log10(jnp.maximum(mel, clamp_eps))
+
+
+def multi_resolution_mel_loss(
+    x,
+    y,
+    sample_rate: int = 16000,
+    n_mels: Sequence[int] = MEL_LOSS_N_MELS,
+    window_lengths: Sequence[int] = MEL_LOSS_WINDOW_LENGTHS,
+    clamp_eps: float = 1e-5,
+):
+    """X-Codec-2.0's ``MultiResolutionMelSpectrogramLoss``: the mean L1 distance of log10 mel
+    magnitudes, summed (not averaged) over the resolutions.
+
+    Args:
+        x: prediction, (T,), (B, T) or (B, C, T); T must exceed max(window_lengths) // 2.
+        y: target, same shape.
+        sample_rate: of the audio (the mel scale's Hz).
+        n_mels, window_lengths: per resolution, the mel bands and the window (= FFT size; hop = window // 4).
+        clamp_eps: floor of the mel magnitudes before the log.
+
+    Returns:
+        Scalar float32.
+    """
+    if len(n_mels) != len(window_lengths) or not n_mels:
+        raise ValueError("n_mels and window_lengths must be non-empty and of equal length")
+    loss = jnp.float32(0.0)
+    for bands, window in zip(n_mels, window_lengths, strict=True):
+        log_x = _log10_mel(x, sample_rate, window, bands, clamp_eps)
+        log_y = _log10_mel(y, sample_rate, window, bands, clamp_eps)
+        loss = loss + jnp.mean(jnp.abs(log_x - log_y))
+    return loss
+
+
+def _logits(output) -> jnp.ndarray:
+    """A sub-discriminator's logits: the output itself, or the last of its list of layer outputs."""
+    return jnp.asarray(output[-1] if isinstance(output, (list, tuple)) else output, jnp.float32)
+
+
+def lsgan_discriminator_loss(real_outputs: Sequence, fake_outputs: Sequence):
+    """LSGAN discriminator loss, as X-Codec-2.0's ``compute_disc_loss``: the sum over sub-discriminators
+    of mean((D(real) - 1)²) + mean(D(fake)²), each mean over that sub-discriminator's logits.
+
+    Args:
+        real_outputs: per sub-discriminator, its logits on real audio, or its list of layer outputs
+            (the last being the logits), as the discriminators return them.
+        fake_outputs: the same on generated audio (the caller stops its gradient to the generator).
+
+    Returns:
+        Scalar float32 (the recipe's ``real_loss + fake_loss``, before ``lambda_disc``).
+    """
+    if len(real_outputs) != len(fake_outputs):
+        raise ValueError(f"{len(real_outputs)} real outputs but {len(fake_outputs)} fake ones")
+    loss = jnp.float32(0.0)
+    for real, fake in zip(real_outputs, fake_outputs, strict=True):
+        loss = loss + jnp.mean((_logits(real) - 1.0) ** 2) + jnp.mean(_logits(fake) ** 2)
+    return loss
+
+
+def lsgan_generator_loss(fake_outputs: Sequence):
+    """LSGAN generator (adversarial) loss: the sum over sub-discriminators of mean((D(fake) - 1)²).
+
+    Args:
+        fake_outputs: per sub-discriminator, logits or list of layer outputs on generated audio.
+
+    Returns:
+        Scalar float32 (the recipe's ``adv_loss``, before ``lambda_adv``).
+    """
+    loss = jnp.float32(0.0)
+    for fake in fake_outputs:
+        loss = loss + jnp.mean((_logits(fake) - 1.0) ** 2)
+    return loss
+
+
+def feature_matching_loss(real_features: Sequence[Sequence], fake_features: Sequence[Sequence]):
+    """Feature matching, as X-Codec-2.0's ``fm_loss``: the sum over sub-discriminators and their layers
+    but the last (the logits) of mean |fake - real|; no gradient flows into the real features.
+
+    Args:
+        real_features: per sub-discriminator, its list of layer outputs on real audio.
+        fake_features: the same on generated audio, with equal shapes.
+
+    Returns:
+        Scalar float32 (MPD's ``fm_loss`` + ``spec_fm_loss`` when both discriminators' lists are passed).
+    """
+    if len(real_features) != len(fake_features):
+        raise ValueError(f"{len(real_features)} real feature lists but {len(fake_features)} fake ones")
+    loss = jnp.float32(0.0)
+    for real, fake in zip(real_features, fake_features, strict=True):
+        if len(real) != len(fake):
+            raise ValueError(f"a sub-discriminator has {len(real)} real layer outputs but {len(fake)} fake")
+        for r, f in zip(real[:-1], fake[:-1], strict=True):
+            r = jax.lax.stop_gradient(jnp.asarray(r, jnp.float32))
+            loss = loss + jnp.mean(jnp.abs(jnp.asarray(f, jnp.float32) - r))
+    return loss
