@@ -21,35 +21,22 @@ DATA_DIR = os.path.join(os.path.dirname(__file__), "data")
 
 # Codecs built with the default cache settings keep their compilations and traced programs in a
 # folder of this test session (inherited by the CLI subprocesses), never in the user's ~/.cache;
-# the folder is removed when the session ends.
+# the folder is made when the session starts (not when this file is imported: benchmarks import its
+# helpers) and removed when it ends.
 _SESSION_CACHE = None
-if "XCODEC2_JAX_CACHE_DIR" not in os.environ:
-    _SESSION_CACHE = os.environ["XCODEC2_JAX_CACHE_DIR"] = tempfile.mkdtemp(prefix="xcodec2-jax-test-cache-")
+
+
+def pytest_configure(config):
+    global _SESSION_CACHE
+    if "XCODEC2_JAX_CACHE_DIR" not in os.environ:
+        _SESSION_CACHE = tempfile.mkdtemp(prefix="xcodec2-jax-test-cache-")
+        os.environ["XCODEC2_JAX_CACHE_DIR"] = _SESSION_CACHE
 
 
 def pytest_sessionfinish(session, exitstatus):
     if _SESSION_CACHE is not None:
         shutil.rmtree(_SESSION_CACHE, ignore_errors=True)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _release_module_memory():
-    """What a test module compiled and built goes with it: JAX's in-memory caches of compiled
-    programs (full-size ones hold hundreds of MB) and the module's garbage."""
-    yield
-    import gc
-
-    import jax
-
-    jax.clear_caches()
-    gc.collect()
-
-
-@pytest.fixture(scope="session", autouse=True)
-def _remove_temporary_files(tmp_path_factory):
-    """Every test's temporary folder goes when the session ends: the suite leaves nothing behind."""
-    yield
-    shutil.rmtree(tmp_path_factory.getbasetemp(), ignore_errors=True)
+        os.environ.pop("XCODEC2_JAX_CACHE_DIR", None)
 
 
 # Markers follow from what a test uses, so that no test can forget one: `slow` for full-size models

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import functools
 import math
 
+import jax
 import numpy as np
 import pytest
 import soundfile as sf
@@ -21,10 +23,15 @@ def codec(small_ref):
 
 def _model_codes_alone(small_ref, audio):
     """The model on the feature pipeline, one item at a time: what the codec must reproduce."""
-    model = Xcodec2Model(small_ref.config)
     feats = Xcodec2FeatureExtractor()(audio, sampling_rate=16000)
-    out = model.apply({"params": small_ref.params}, **feats, method=Xcodec2Model.encode)
-    return np.asarray(out.audio_codes)[0, 0]
+    return np.asarray(_encode_alone(small_ref.config)(small_ref.params, feats))[0, 0]
+
+
+@functools.cache
+def _encode_alone(config):
+    """The model's encode, jitted once per config (then compiled once per item length)."""
+    model = Xcodec2Model(config)
+    return jax.jit(lambda p, x: model.apply({"params": p}, **x, method=Xcodec2Model.encode).audio_codes)
 
 
 @pytest.mark.slow
