@@ -39,6 +39,37 @@ def pytest_sessionfinish(session, exitstatus):
         os.environ.pop("XCODEC2_JAX_CACHE_DIR", None)
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _release_module_memory():
+    """What a test module compiled and built goes with it: JAX's in-memory caches of compiled
+    programs (full-size ones hold hundreds of MB), the module's garbage, and the freed heap."""
+    yield
+    import gc
+
+    import jax
+
+    from xcodec2_jax.utils.compat.libc import malloc_trim
+
+    jax.clear_caches()
+    gc.collect()
+    malloc_trim()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _remove_temporary_files(tmp_path_factory):
+    """Every test's temporary folder goes when the session ends: the suite leaves nothing behind."""
+    yield
+    base = tmp_path_factory.getbasetemp()
+    shutil.rmtree(base, ignore_errors=True)
+    current = base.parent / f"{base.name.rsplit('-', 1)[0]}-current"
+    if current.is_symlink() and os.path.realpath(current) == str(base):
+        current.unlink()
+    try:
+        base.parent.rmdir()  # pytest's per-user folder, if no other session left anything there
+    except OSError:
+        pass
+
+
 # Markers follow from what a test uses, so that no test can forget one: `slow` for full-size models
 # and everything under integration/, `subprocess` for child processes, `torch` for a PyTorch reference.
 _TORCH_FIXTURES = {"small_ref", "full_ref", "original_small", "original_ref"}
@@ -46,6 +77,8 @@ _SLOW_FIXTURES = {"full_ref"}
 
 
 def pytest_collection_modifyitems(config, items):
+    # The full-size checks first, while the process's heap is small: its peak memory is the suite's.
+    items.sort(key=lambda item: item.fspath.basename != "test_full_size.py")
     for item in items:
         fixtures = set(getattr(item, "fixturenames", ()))
         # Parametrized over fixture names (request.getfixturevalue): the name is in the test's id.
