@@ -8,6 +8,7 @@ Padding never changes a result, and results come back in input order.
 
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Sequence
 from typing import Any
@@ -16,21 +17,20 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ..checkpoint import config_for, load_checkpoint, load_prepared
-from ..checkpoint.place import place_tree
+from ..checkpoint import config_for
 from ..checkpoint.prepared import params_dir
 from ..config import Xcodec2Config
 from ..modeling.features import Xcodec2FeatureExtractor
 from ..modeling.layout import ENCODE_MODULES, per_layer
 from ..modeling.model import Xcodec2Model
 from ..utils import validation
-from ..utils.background import Background
 from ..utils.progress import progress_bar
 from . import batching, windows
 from .audio import SAMPLING_RATE, prepare_audio
 from .batching import EncodedAudio
 from .compilation_cache import enable_compilation_cache
 from .hub import DEFAULT_MODEL_ID, resolve_checkpoint
+from .loading import load_for_inference
 from .programs import CodecPrograms, encoder_param_specs, encoder_params, programs_dir, specs_of
 from .stream import DecodeStream
 
@@ -100,25 +100,17 @@ class Xcodec2Codec:
         path = resolve_checkpoint(path_or_repo_id, revision, cache_dir)
         codec = cls(config_for(path), None, **options)
         device = jax.local_devices()[0] if device is None else device
-        modules = ENCODE_MODULES if encode_only else None
-        # Loaded to the host (memory-mapped from the params cache when it is there), laid out for
-        # inference, then placed: a CPU device adopts the aligned host arrays without a copy.
-        load = dict(params_cache=params_dir(codec.compilation_cache_dir), modules=modules)
-        ready = load_prepared(path, codec.config, **load) if load["params_cache"] is not None else None
-        if ready is not None:  # mapped in milliseconds: nothing to overlap with
-            codec.params = place_tree(per_layer(ready[1]), device)
-            return codec
-        worker = None
+        beside = None
         if encode_lengths:
-            fallback = "encode compiles when first called"
-            worker = Background(
-                codec.precompile_encode, list(encode_lengths), device=device, fallback=fallback
-            )
-        try:
-            codec.params = place_tree(per_layer(load_checkpoint(path, codec.config, **load)[1]), device)
-        finally:
-            if worker is not None:
-                worker.join()
+            beside = functools.partial(codec.precompile_encode, list(encode_lengths), device=device)
+        codec.params = load_for_inference(
+            path,
+            codec.config,
+            device=device,
+            params_cache=params_dir(codec.compilation_cache_dir),
+            modules=ENCODE_MODULES if encode_only else None,
+            beside=beside,
+        )
         return codec
 
     def precompile_encode(

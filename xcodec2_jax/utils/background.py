@@ -21,7 +21,9 @@ class Background:
             except Exception as e:  # reported by join; the caller's path works without it
                 self.error = e
 
-        self.thread = threading.Thread(target=run, name=f"xcodec2_jax {fn.__name__}", daemon=True)
+        self.thread = threading.Thread(
+            target=run, name=f"xcodec2_jax {getattr(fn, '__name__', 'background')}", daemon=True
+        )
         self.thread.start()
 
     def join(self) -> None:
