@@ -303,8 +303,16 @@ def _import_stubs():
     modules.RotaryPositionalEmbeddings = rope.RotaryPositionalEmbeddings
     torchtune.modules = modules
     stubs = {"torchtune": torchtune, "torchtune.modules": modules, "torchaudio": stub("torchaudio")}
-    saved = {name: sys.modules.get(name) for name in stubs}
-    sys.modules.update(stubs)
+    with temporary_modules(stubs):
+        yield
+
+
+@contextlib.contextmanager
+def temporary_modules(modules: dict):
+    """``modules`` (name -> module) in ``sys.modules`` while the block runs, what was there before
+    put back after: stand-ins that only an import of reference code may see."""
+    saved = {name: sys.modules.get(name) for name in modules}
+    sys.modules.update(modules)
     try:
         yield
     finally:

@@ -26,7 +26,7 @@ import sys
 import tarfile
 import types
 
-from original_release import _cached_source, _import_file
+from original_release import _cached_source, _import_file, temporary_modules
 
 PARALLEL_WAVEGAN_SDIST = dict(
     requirement="parallel-wavegan==0.6.1",
@@ -76,16 +76,8 @@ def _placeholder_package():
         parent, _, child = name.rpartition(".")
         if parent:
             setattr(modules[parent], child, module)
-    saved = {name: sys.modules.get(name) for name in modules}
-    sys.modules.update(modules)
-    try:
+    with temporary_modules(modules):
         yield
-    finally:
-        for name, module in saved.items():
-            if module is None:
-                sys.modules.pop(name, None)
-            else:
-                sys.modules[name] = module
 
 
 @functools.cache
