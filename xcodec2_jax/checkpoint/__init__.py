@@ -83,10 +83,10 @@ def detect_format(path: str | os.PathLike) -> str:
     return _inspect(os.fspath(path))[0]
 
 
-def config_for(path: str | os.PathLike, _inspected=None) -> Xcodec2Config:
+def config_for(path: str | os.PathLike, inspected=None) -> Xcodec2Config:
     """The ``Xcodec2Config`` of the checkpoint at ``path``, whatever its format (see
     :func:`xcodec2_jax.config.config_dict`); the same as ``Xcodec2Config.from_pretrained(path)``."""
-    index = None if _inspected is None else _inspected[1]
+    index = None if inspected is None else inspected[1]
     return Xcodec2Config.from_dict(config_dict(path, index))
 
 

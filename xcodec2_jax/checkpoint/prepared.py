@@ -523,12 +523,3 @@ def _unlink(file: str) -> None:
         os.unlink(file)
     except FileNotFoundError:
         pass
-
-
-def _remove_stale(directory: str, key: str, sources: list[list]) -> None:
-    """Entries prepared from the same files (by real path) at another state of them (``prune``
-    removes those too, with every other entry whose sources changed)."""
-    paths = sorted(s[0] for s in sources)
-    for entry in _scan(directory):
-        if entry.key != key and sorted(entry.sources) == paths and entry.missing_sources:
-            _remove_entry(directory, entry.key, entry.files)
