@@ -1,4 +1,5 @@
-"""Decoder fine-tuning step: xcodec2_jax's ``Trainer`` vs the same step written in PyTorch.
+"""Decoder fine-tuning step (the ``reconstruction`` recipe): xcodec2_jax's ``RecipeTrainer`` vs the same
+step written in PyTorch.
 
 One step, both sides: features of a batch of real speech, the frozen encoder's codes (no gradient),
 the decoder's reconstruction, loss = log-mel L1 + multi-resolution STFT (auraloss on the torch side,
@@ -61,11 +62,7 @@ def torch_step_fn(model, audio: np.ndarray):
     decoder = [p for p in model.acoustic_decoder.parameters()]
     for p in decoder:
         p.requires_grad_(True)
-    matrices = [p for p in decoder if p.ndim > 1]
-    others = [p for p in decoder if p.ndim <= 1]
-    optimizer = torch.optim.AdamW(
-        [{"params": matrices, "weight_decay": 0.01}, {"params": others, "weight_decay": 0.0}], lr=LR
-    )
+    optimizer = torch.optim.AdamW(decoder, lr=LR, betas=(0.8, 0.9), weight_decay=0.01)
     mrstft = MultiResolutionSTFTLoss()
     fb = torch.from_numpy(mel_filter_bank(513, 100, 0.0, 8000.0, 16000, norm=None, mel_scale="htk")).float()
     window = torch.hann_window(1024)
@@ -102,7 +99,7 @@ def main(argv=None) -> int:
     from transformers import Xcodec2Model as TorchModel
 
     from xcodec2_jax import load_checkpoint
-    from xcodec2_jax.training.trainer import TrainConfig, Trainer
+    from xcodec2_jax.training.recipe import Recipe, RecipeTrainer
 
     torch.set_num_threads(os.cpu_count())
     loop = speech_loop()[0]
@@ -114,19 +111,20 @@ def main(argv=None) -> int:
         model.save_pretrained(tmp)
         config, params = load_checkpoint(tmp)
 
-    trainer = Trainer(config, TrainConfig(steps=1000, learning_rate=LR))
-    state, frozen = trainer.init_state(params)
+    recipe = Recipe("reconstruction", learning_rate=LR, initial_learning_rate=LR, warmup_steps=0)
+    trainer = RecipeTrainer(config, recipe)
+    state, frozen = trainer.init_state(params, {})
     del params
-    batch = jax.device_put(audio, trainer.data_sharding)
+    batch = trainer.global_batch(audio)
     start = time.perf_counter()
-    compiled = trainer._step.lower(state, frozen, batch).compile()
+    compiled = trainer.compile(state, frozen, batch)
     compile_s = time.perf_counter() - start
     jax_peak, jax_work = measure.jax_memory(compiled)
     holder = {"state": state}
 
     def jax_step():
         holder["state"], metrics = compiled(holder["state"], frozen, batch)
-        return float(metrics["loss"])
+        return float(metrics["loss/generator"])
 
     start = time.perf_counter()
     jax_losses = [jax_step()]

@@ -8,20 +8,24 @@ processed, and the exit code is then 2. Existing outputs are never overwritten w
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import json
 import os
 import sys
 from collections.abc import Sequence
 
 import numpy as np
 
-from .checkpoint import prepared
+from .checkpoint import load_checkpoint, prepared
+from .checkpoint.export import save_transformers
 from .corpus.run import tokenize
 from .inference.audio import read_audio
 from .inference.codec import Xcodec2Codec
 from .inference.compilation_cache import resolve_cache_dir
-from .inference.hub import DEFAULT_MODEL_ID
+from .inference.hub import DEFAULT_MODEL_ID, resolve_checkpoint
 from .inference.llasa import text_to_codes
-from .training.finetune import finetune
+from .training.recipe import RECIPES, Recipe
+from .training.run import train
 from .utils import validation
 from .utils.dtypes import compute_dtype
 from .utils.files import AUDIO_SUFFIXES, walk_files
@@ -272,47 +276,160 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("input")
     p.add_argument("output", help="output WAV path")
     p.set_defaults(func=cmd_roundtrip)
-    _add_finetune_parser(sub, DEFAULT_MODEL_ID)
+    _add_train_parsers(sub)
     add_tokenize_parser(sub, common, cmd_tokenize)
     _add_cache_parser(sub)
     return parser
 
 
-def _add_finetune_parser(sub, default_model: str) -> None:
-    p = sub.add_parser(
-        "finetune", help="fine-tune the decoder on a folder or manifest of audio (resumes if rerun)"
+# long: one argument per line, the options of train and finetune
+def _add_train_arguments(
+    p, recipe: str, steps: int, batch_size: int, seconds: float, save_every: int
+) -> None:
+    p.add_argument(
+        "data", nargs="+", help="what tokenize reads: folders, manifests (.txt/.lst/.jsonl), Parquet"
     )
-    p.add_argument("data", help="folder of audio files, or a manifest (.txt/.lst paths, .jsonl with 'path')")
-    p.add_argument("-o", "--output", required=True, metavar="OUT", help="checkpoints, log and the model")
-    p.add_argument("--model", default=default_model, help=f"model to start from (default {default_model})")
-    p.add_argument("--steps", type=int, default=1000, help="optimizer steps (default 1000)")
-    p.add_argument("--batch-size", type=int, default=4, help="segments per step (default 4)")
-    p.add_argument("--segment-seconds", type=float, default=2.0, help="segment length (default 2)")
-    p.add_argument("--lr", type=float, default=1e-4, help="peak learning rate (default 1e-4)")
-    p.add_argument("--save-every", type=int, default=500, help="checkpoint every K steps (default 500)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the segment draws (default 0)")
+    p.add_argument(
+        "-o", "--output", required=True, metavar="OUT", help="checkpoints, logs, samples and the model"
+    )
+    start = p.add_mutually_exclusive_group()
+    start.add_argument("--model", help=f"checkpoint or Hub id to start from (default {DEFAULT_MODEL_ID})")
+    start.add_argument(
+        "--config", help="train from scratch: small, full or a config.json (needs --semantic-model)"
+    )
+    p.add_argument(
+        "--semantic-model", metavar="DIR", help="a transformers Wav2Vec2BertModel checkpoint (frozen)"
+    )
+    p.add_argument(
+        "--recipe", choices=RECIPES, default=recipe, help=f"losses and discriminators (default {recipe})"
+    )
+    p.add_argument("--trainable", help="comma-separated parts to train (default: the recipe's)")
+    p.add_argument("--steps", type=int, default=steps, help=f"optimizer steps (default {steps})")
+    p.add_argument(
+        "--batch-size",
+        type=int,
+        default=batch_size,
+        help=f"crops per step, all devices (default {batch_size})",
+    )
+    p.add_argument(
+        "--segment-seconds", type=float, default=seconds, help=f"crop length (default {seconds:g})"
+    )
+    p.add_argument(
+        "--learning-rate", "--lr", type=float, default=1e-4, help="peak learning rate (default 1e-4)"
+    )
+    p.add_argument(
+        "--warmup-steps", type=int, help="quadratic warm-up steps (default 3000; finetune 5%% of --steps)"
+    )
+    p.add_argument(
+        "--decay-steps", type=int, help="linear decay steps after it (default 400000; finetune the rest)"
+    )
+    p.add_argument("--final-learning-rate", type=float, help="learning rate after the decay (default 2e-5)")
+    p.add_argument("--loss-weights", metavar="JSON", help='e.g. \'{"mel_weight": 45, "semantic_weight": 5}\'')
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="compute dtype")
-    p.set_defaults(func=cmd_finetune)
+    p.add_argument(
+        "--discriminator-channels",
+        metavar="MPD,SPEC",
+        help="first-layer widths of the two discriminators (default 16,32, X-Codec-2.0's)",
+    )
+    p.add_argument(
+        "--save-every", type=int, default=save_every, help=f"checkpoint every K steps (default {save_every})"
+    )
+    p.add_argument("--sample-every", type=int, help="write a decoded sample every K steps")
+    p.add_argument("--seed", type=int, default=0, help="seed of the crops and of fresh weights (default 0)")
+    p.add_argument("--no-tensorboard", action="store_true", help="no TensorBoard event files")
+    multi = p.add_argument_group("several hosts (jax.distributed)")
+    multi.add_argument(
+        "--distributed", action="store_true", help="jax.distributed.initialize() with no arguments"
+    )
+    multi.add_argument("--coordinator-address", metavar="HOST:PORT", help="process 0's address")
+    multi.add_argument("--num-processes", type=int)
+    multi.add_argument("--process-id", type=int)
+    p.set_defaults(func=cmd_train, recipe_default=recipe)
 
 
-def cmd_finetune(args, run: _Run) -> None:
+def _add_train_parsers(sub) -> None:
+    p = sub.add_parser(
+        "train",
+        help="train the codec (X-Codec2's GAN recipe, or reconstruction losses); resumes if rerun",
+        description="Train the whole codec with X-Codec2's recipe on every device and host. OUT ends up "
+        "a checkpoint (Xcodec2Codec.from_pretrained(OUT)); `xcodec2-jax export OUT -o DIR` writes it in "
+        "transformers' layout.",
+    )
+    _add_train_arguments(p, "xcodec2", 10000, 8, 6.0, 1000)
+    p = sub.add_parser(
+        "finetune",
+        help="train --recipe reconstruction on the decoder: adapt it to new audio (resumes if rerun)",
+    )
+    _add_train_arguments(p, "reconstruction", 1000, 4, 2.0, 500)
+    p = sub.add_parser(
+        "export", help="write a checkpoint in transformers' layout (config.json + model.safetensors)"
+    )
+    p.add_argument("model", help="any checkpoint the library loads (a train OUT, original, Orbax, Hub id)")
+    p.add_argument("-o", "--output", required=True, metavar="DIR")
+    p.set_defaults(func=cmd_export)
+
+
+def _recipe(args) -> Recipe:
+    finetune = args.recipe_default == "reconstruction" and args.recipe == "reconstruction"
+    options = dict(name=args.recipe, learning_rate=args.learning_rate, compute_dtype=args.dtype)
+    if finetune:  # the decoder's fine-tune: a short warm-up, then down to a tenth over the run
+        warmup = max(1, args.steps // 20)
+        options.update(warmup_steps=warmup, decay_steps=max(1, args.steps - warmup))
+        options.update(
+            final_learning_rate=args.learning_rate / 10, initial_learning_rate=args.learning_rate / 100
+        )
+    for name in ("warmup_steps", "decay_steps", "final_learning_rate"):
+        if getattr(args, name) is not None:
+            options[name] = getattr(args, name)
+    if args.discriminator_channels:
+        mpd, spec = (int(v) for v in args.discriminator_channels.split(","))
+        options.update(mpd_channels=mpd, spec_channels=spec)
+    if args.trainable:
+        options["trainable"] = tuple(part.strip() for part in args.trainable.split(",") if part.strip())
+    if args.loss_weights:
+        weights = json.loads(args.loss_weights)
+        known = {f.name for f in dataclasses.fields(Recipe) if f.name.endswith("_weight")}
+        if not isinstance(weights, dict) or set(weights) - known:
+            raise ValueError(f"--loss-weights takes a JSON object with keys among {sorted(known)}")
+        options.update(weights)
+    return Recipe(**options)
+
+
+def cmd_train(args, run: _Run) -> None:
     try:
-        finetune(
+        model = args.model if args.model or args.config else DEFAULT_MODEL_ID
+        train(
             args.data,
             args.output,
-            model=args.model,
+            recipe=_recipe(args),
+            model=model if not args.config else None,
+            config=args.config,
+            semantic_model=args.semantic_model,
             steps=args.steps,
             batch_size=args.batch_size,
             segment_seconds=args.segment_seconds,
-            learning_rate=args.lr,
             save_every=args.save_every,
+            sample_every=args.sample_every,
             seed=args.seed,
-            compute_dtype=args.dtype,
+            tensorboard=False if args.no_tensorboard else None,
+            coordinator_address=args.coordinator_address,
+            num_processes=args.num_processes,
+            process_id=args.process_id,
+            distributed=args.distributed,
         )
     except OSError as e:
         raise ModelLoadError(str(e)) from e
-    except ValueError as e:
-        run.fail(args.data, str(e))
+    except (ValueError, json.JSONDecodeError) as e:
+        run.fail(" ".join(args.data), str(e))
+
+
+def cmd_export(args, run: _Run) -> None:
+    try:
+        config, params = load_checkpoint(resolve_checkpoint(args.model))
+    except OSError as e:
+        raise ModelLoadError(str(e)) from e
+    save_transformers(args.output, params, config)
+    print(f"wrote {args.output} (config.json, model.safetensors)")
 
 
 def add_tokenize_parser(sub, common, func) -> None:

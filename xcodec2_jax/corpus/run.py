@@ -57,7 +57,8 @@ def _prefetch_map(fn, items: Iterable, workers: int, ahead: int) -> Iterator:
             yield result
 
 
-def _init_distributed(coordinator_address, num_processes, process_id, distributed: bool) -> None:
+def init_distributed(coordinator_address, num_processes, process_id, distributed: bool) -> None:
+    """``jax.distributed.initialize`` when any argument asks for several processes (once per process)."""
     explicit = coordinator_address is not None or num_processes is not None or process_id is not None
     if not (explicit or distributed) or jax.distributed.is_initialized():
         return
@@ -222,7 +223,7 @@ def tokenize(
     if context_seconds is None:
         context_seconds = windows.DEFAULT_ENCODE_CONTEXT_SECONDS
     validation.positive_int(batch_size, "batch_size")
-    _init_distributed(coordinator_address, num_processes, process_id, distributed)
+    init_distributed(coordinator_address, num_processes, process_id, distributed)
     pid, nproc = jax.process_index(), jax.process_count()
     out = os.path.abspath(os.fspath(out))
     model = os.fspath(model or DEFAULT_MODEL_ID)

@@ -144,9 +144,12 @@ class Xcodec2Model(nn.Module):
         input_features: jnp.ndarray,
         input_features_mask: jnp.ndarray | None = None,
         isolate_items: bool = False,
+        semantic_hidden_states: jnp.ndarray | None = None,
     ) -> jnp.ndarray:
         """The pre-quantization hidden states (B, N, hidden_size + semantic hidden_size), the
-        ``fc_encoder`` output that the reference's quantizer receives; arguments as :meth:`encode`."""
+        ``fc_encoder`` output that the reference's quantizer receives; arguments as :meth:`encode`.
+        ``semantic_hidden_states`` (B, N, semantic hidden_size): :meth:`semantic_hidden_states` of
+        these features when the caller already has them (training regresses on them too)."""
         if input_values.ndim != 3 or input_values.shape[1] != 1:
             raise ValueError(f"input_values must have shape (batch, 1, samples), got {input_values.shape}")
         if input_features.ndim != 3:
@@ -158,9 +161,11 @@ class Xcodec2Model(nn.Module):
             if input_features_mask is None:
                 raise ValueError("isolate_items=True needs input_features_mask")
             frames = jnp.sum(jnp.asarray(input_features_mask).astype(jnp.int32), axis=-1)
-        semantic = self.semantic_encoder(input_features.astype(self.dtype), input_features_mask)
-        semantic = jax.lax.stop_gradient(semantic)  # frozen, as the reference's torch.no_grad()
-        semantic = self.semantic_adapter(semantic, None if frames is None else input_features_mask)
+        if semantic_hidden_states is None:
+            semantic_hidden_states = self.semantic_hidden_states(input_features, input_features_mask)
+        semantic = self.semantic_adapter(
+            semantic_hidden_states, None if frames is None else input_features_mask
+        )
         waveform = jnp.swapaxes(input_values, 1, 2).astype(self.dtype)
         if frames is None:
             acoustic = self.acoustic_encoder(waveform)
@@ -172,6 +177,20 @@ class Xcodec2Model(nn.Module):
                 f"use the feature extractor, which pads audio to a multiple of {self.config.hop_length}"
             )
         return self.fc_encoder(jnp.concatenate([semantic, acoustic.astype(semantic.dtype)], axis=-1))
+
+    def semantic_hidden_states(
+        self, input_features: jnp.ndarray, input_features_mask: jnp.ndarray | None = None
+    ) -> jnp.ndarray:
+        """The frozen semantic encoder's output (B, F, semantic hidden_size): w2v-BERT's
+        ``hidden_states[16]``, what the semantic adapter reads. No gradient flows through it, as the
+        reference runs it under ``torch.no_grad()``."""
+        semantic = self.semantic_encoder(input_features.astype(self.dtype), input_features_mask)
+        return jax.lax.stop_gradient(semantic)
+
+    def quantize(self, hidden_states: jnp.ndarray) -> tuple[jnp.ndarray, jnp.ndarray]:
+        """FSQ of :meth:`encoder_hidden_states`: (latents (B, N, quantization_dim) with straight-through
+        gradients, codes (B, N) int32)."""
+        return self.quantizer(hidden_states)
 
     def decode(
         self,
@@ -255,3 +274,20 @@ def _abstract_params(config: Xcodec2Config) -> dict:
     key = jax.ShapeDtypeStruct((2,), jnp.uint32)
     variables = jax.eval_shape(model.init, key, values, features)
     return variables["params"]
+
+
+def init_params(config: Xcodec2Config, key: jax.Array) -> dict:
+    """Random parameters of the whole codec (Flax's default initialisers), to train from scratch.
+
+    Args:
+        config: the model's shapes.
+        key: a ``jax.random`` key.
+
+    Returns:
+        The parameter tree, float32, on the default device.
+    """
+    hop = config.hop_length
+    values = jnp.zeros((1, 1, 2 * hop), jnp.float32)
+    features = jnp.zeros((1, 2, config.semantic_model_config.feature_projection_input_dim), jnp.float32)
+    model = Xcodec2Model(config, lowering="generic")
+    return jax.jit(model.init)(key, values, features)["params"]
