@@ -120,6 +120,14 @@ SMALL_CONFIG = dict(
 )
 
 
+# SMALL_CONFIG with one conformer and one decoder layer: a train step compiles in half the time.
+TINY_CONFIG = dict(
+    SMALL_CONFIG,
+    num_hidden_layers=1,
+    semantic_model_config=dict(SMALL_CONFIG["semantic_model_config"], num_hidden_layers=1),
+)
+
+
 def spread_weights_(model, seed: int = 0) -> None:
     """Rescale a random transformers Xcodec2Model in place so its codes spread (see module doc).
 

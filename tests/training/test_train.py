@@ -14,7 +14,7 @@ import time
 import numpy as np
 import pytest
 import soundfile as sf
-from conftest import SMALL_CONFIG, _make_reference, load_speech, run_python
+from conftest import TINY_CONFIG, _make_reference, load_speech, run_python
 
 from xcodec2_jax.cli import main
 
@@ -27,12 +27,6 @@ CLI_ARGS = [
     "--discriminator-channels", "4,8", "--save-every", str(SAVE_EVERY), "--no-tensorboard",
 ]  # fmt: skip
 
-# SMALL_CONFIG with one conformer and one decoder layer: the train step compiles in half the time.
-TINY_CONFIG = dict(
-    SMALL_CONFIG,
-    num_hidden_layers=1,
-    semantic_model_config=dict(SMALL_CONFIG["semantic_model_config"], num_hidden_layers=1),
-)
 
 
 @pytest.fixture(scope="module")

@@ -13,6 +13,9 @@ The recipe (X-Codec-2.0's ``config/train/default.yaml`` and ``lightning_module.p
   and the generator's losses are then taken through the updated discriminators, as the reference's
   manual optimisation does.
 
+One difference from X-Codec-2.0: its decoder applies dropout (0.1) in the residual blocks around the
+transformer while training; this generator has none (the codec's modules are deterministic).
+
 The ``reconstruction`` recipe drops the discriminators and the semantic loss and trains on
 ``mel_loss + multi_resolution_stft_loss`` (Vocos' log-mel and auraloss' defaults).
 
