@@ -323,6 +323,9 @@ def _add_train_arguments(
     p.add_argument(
         "--decay-steps", type=int, help="linear decay steps after it (default 400000; finetune the rest)"
     )
+    p.add_argument(
+        "--initial-learning-rate", type=float, help="learning rate of the first step (default 1e-5)"
+    )
     p.add_argument("--final-learning-rate", type=float, help="learning rate after the decay (default 2e-5)")
     p.add_argument("--loss-weights", metavar="JSON", help='e.g. \'{"mel_weight": 45, "semantic_weight": 5}\'')
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="compute dtype")
@@ -378,7 +381,7 @@ def _recipe(args) -> Recipe:
         options.update(
             final_learning_rate=args.learning_rate / 10, initial_learning_rate=args.learning_rate / 100
         )
-    for name in ("warmup_steps", "decay_steps", "final_learning_rate"):
+    for name in ("initial_learning_rate", "warmup_steps", "decay_steps", "final_learning_rate"):
         if getattr(args, name) is not None:
             options[name] = getattr(args, name)
     if args.discriminator_channels:

@@ -36,11 +36,12 @@ import time
 import jax
 import numpy as np
 import pytest
-from conftest import TINY_CONFIG, _make_reference, load_speech
+from conftest import QUICK_RECIPE, TINY_CONFIG, _make_reference, load_speech
 from test_discriminators import MPD_TORCH_PARAMS, _randomise_, _torch_stft_magnitude
 from test_gan_losses import _torch_mel_loss
 
 from xcodec2_jax import load_params
+from xcodec2_jax.inference.compilation_cache import enable_compilation_cache
 from xcodec2_jax.modeling.features import fbank_features_jax
 from xcodec2_jax.training.discriminators import (
     MPD_PERIODS,
@@ -52,12 +53,10 @@ from xcodec2_jax.training.discriminators import (
 from xcodec2_jax.training.recipe import Recipe, RecipeTrainer
 from xcodec2_jax.utils.tree import flatten
 
-MPD_CHANNELS, SPEC_CHANNELS = 4, 8
+MPD_CHANNELS, SPEC_CHANNELS = QUICK_RECIPE["mpd_channels"], QUICK_RECIPE["spec_channels"]
 # Step 0 runs at the initial learning rate; 1e-3 (not the recipe's 1e-5) makes its steps large against the
 # float32 spacing of the parameters.
-RECIPE = Recipe(
-    mpd_channels=MPD_CHANNELS, spec_channels=SPEC_CHANNELS, learning_rate=1e-3, initial_learning_rate=1e-3
-)
+RECIPE = Recipe(**QUICK_RECIPE)  # the training tests' recipe: test_train's run reuses this compiled step
 SAMPLES = 8000  # 0.5 s, 25 codes
 CROPS = (16000, 12000)  # where the two crops start in the first two test clips (see the module doc)
 ADAM_EPS, WEIGHT_DECAY = 1e-8, 0.01  # the reference's AdamW: torch's eps and weight decay
@@ -321,6 +320,7 @@ def tiny_ref(tmp_path_factory):
 @pytest.mark.filterwarnings("ignore:.*weight_norm.*:FutureWarning")  # the references' own weight norm
 def test_recipe_step_matches_torch(tiny_ref, tmp_path):
     start = time.perf_counter()
+    enable_compilation_cache()  # the compiled step is kept for test_train's runs of the same recipe
     speech = load_speech()
     audio = np.stack([speech[0][CROPS[0] : CROPS[0] + SAMPLES], speech[1][CROPS[1] : CROPS[1] + SAMPLES]])
     features = np.array(fbank_features_jax(audio, np.full((2,), SAMPLES, np.int32))[0])

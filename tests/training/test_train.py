@@ -14,19 +14,16 @@ import time
 import numpy as np
 import pytest
 import soundfile as sf
-from conftest import TINY_CONFIG, _make_reference, load_speech, run_python
+from conftest import QUICK_RECIPE, TINY_CONFIG, _make_reference, load_speech, run_python
 
 from xcodec2_jax.cli import main
 
 STEPS, SAVE_EVERY, SAMPLE_EVERY = 24, 8, 12
-# The recipe with narrow discriminators (X-Codec-2.0's are 16 and 32 wide): the step compiles and
-# runs in a fraction of the time, and every loss of the recipe is still there.
-RECIPE = dict(mpd_channels=4, spec_channels=8, learning_rate=1e-3, initial_learning_rate=1e-4, warmup_steps=5)
 CLI_ARGS = [
-    "--batch-size", "2", "--segment-seconds", "0.5", "--learning-rate", "1e-3", "--warmup-steps", "5",
-    "--discriminator-channels", "4,8", "--save-every", str(SAVE_EVERY), "--no-tensorboard",
+    "--batch-size", "2", "--segment-seconds", "0.5", "--learning-rate", "1e-3",
+    "--initial-learning-rate", "1e-3", "--discriminator-channels", "4,8", "--save-every", str(SAVE_EVERY),
+    "--no-tensorboard",
 ]  # fmt: skip
-
 
 
 @pytest.fixture(scope="module")
@@ -46,8 +43,7 @@ def data_dir(tmp_path_factory):
 def _recipe(**overrides):
     from xcodec2_jax.training.recipe import Recipe
 
-    # The initial learning rate the CLI's --learning-rate leaves at its default.
-    return Recipe(**{**RECIPE, "initial_learning_rate": 1e-5, **overrides})
+    return Recipe(**{**QUICK_RECIPE, **overrides})
 
 
 @pytest.fixture(scope="module")
@@ -88,9 +84,7 @@ def test_run_logs_falls_and_its_output_loads(uninterrupted, tiny_ref):
     assert entries == log and len(entries) == STEPS
     assert set(entries[0]) == {"step", *METRICS, "steps_per_second", "seconds"}
     assert all(np.isfinite(e[k]) for e in entries for k in METRICS)
-    assert entries[0]["learning_rate"] == pytest.approx(1e-5) and entries[5][
-        "learning_rate"
-    ] == pytest.approx(1e-3)
+    assert all(e["learning_rate"] == pytest.approx(1e-3) for e in entries)
     mel = [e["loss/mel"] for e in entries]
     assert np.mean(mel[-8:]) < np.mean(mel[:8]), mel
     assert all(e["loss/discriminator"] > 0 and e["loss/semantic"] > 0 for e in entries)
@@ -174,8 +168,7 @@ def test_killed_run_resumes_to_the_same_losses(uninterrupted, tiny_ref, data_dir
     assert 10 <= len(_log(out)) < steps
     assert not (out / "params").exists()
 
-    rerun = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
-    assert rerun.returncode == 0, rerun.stderr[-2000:]
+    assert main(cmd[3:]) == 0  # the same command, rerun (in this process: one interpreter start less)
     # Resumed from the step-8 checkpoint: the same losses bit for bit as the run that never stopped
     # (whose later steps run past this one's end).
     metrics = [k for k in _log(out)[0] if k.startswith(("loss/", "grad_norm/", "learning_rate"))]
@@ -275,20 +268,22 @@ def test_steps_on_four_devices_match_one(tiny_ref, tmp_path):
     assert four["losses"][2] != four["losses"][0]
 
 
-@pytest.mark.slow
-def test_bfloat16_step_keeps_float32_master_weights(tiny_ref):
+def test_bfloat16_generator_with_float32_master_weights(tiny_ref):
     import jax
     import jax.numpy as jnp
 
     from xcodec2_jax.training.generator import Generator
-    from xcodec2_jax.training.recipe import RecipeTrainer
+    from xcodec2_jax.training.recipe import RecipeTrainer, split_params
 
     trainer = RecipeTrainer(tiny_ref.config, _recipe(compute_dtype="bfloat16"))
     generator = {**tiny_ref.params, **Generator(tiny_ref.config).init_training_parts(jax.random.key(0))}
-    state = trainer.abstract_state(generator, trainer.discriminators.init(jax.random.key(1), 3200))
-    frozen = {k: v for k, v in generator.items() if k not in trainer.recipe.trainable}
     audio = jax.ShapeDtypeStruct((2, 3200), jnp.float32)
-    new_state, metrics = jax.eval_shape(trainer.train_step, state, frozen, audio)
-    assert {x.dtype for x in jax.tree.leaves(new_state.generator)} == {jnp.dtype(jnp.float32)}
-    assert {x.dtype for x in jax.tree.leaves(metrics)} == {jnp.dtype(jnp.float32)}
-    assert "bf16" in str(jax.make_jaxpr(trainer.train_step)(state, frozen, audio))
+    # The generator computes in bfloat16 and hands float32 outputs to the losses.
+    jaxpr, out = jax.make_jaxpr(trainer.generator, return_shape=True)(generator, audio)
+    assert "bf16" in str(jaxpr)
+    assert out.audio.dtype == out.semantic.dtype == out.semantic_target.dtype == jnp.float32
+    # The optimiser updates float32 master weights into float32 weights.
+    trainable, _ = split_params(generator, trainer.recipe.trainable)
+    opt = jax.eval_shape(trainer.generator_optimizer.init, trainable)
+    updates, _ = jax.eval_shape(trainer.generator_optimizer.update, trainable, opt, trainable)
+    assert {x.dtype for x in jax.tree.leaves(updates)} == {jnp.dtype(jnp.float32)}

@@ -182,6 +182,16 @@ class Discriminators:
             {"params": params["spec"]}, audio
         )
 
+    def pair(self, params: Mapping[str, Any], first: jnp.ndarray, second: jnp.ndarray) -> tuple[list, list]:
+        """:meth:`__call__` of two equal-shaped batches as one batch (one trace, wider convolutions);
+        the items are independent, so each half is what it would be alone."""
+        outputs = self(params, jnp.concatenate([first, second]))
+        b = first.shape[0]
+        return (
+            [[x[:b] for x in layers] for layers in outputs],
+            [[x[b:] for x in layers] for layers in outputs],
+        )
+
 
 @flax.struct.dataclass
 class GanState:
@@ -277,8 +287,8 @@ class RecipeTrainer:
             parts = {"loss/mel": mel, "loss/stft": stft}
             return r.mel_weight * mel + r.stft_weight * stft, parts
         mel = multi_resolution_mel_loss(recon, audio)
-        fake = self.discriminators(disc_params, recon)
-        real = jax.lax.stop_gradient(self.discriminators(disc_params, audio))
+        fake, real = self.discriminators.pair(disc_params, recon, audio)
+        real = jax.lax.stop_gradient(real)
         adversarial = lsgan_generator_loss(fake)
         matching = feature_matching_loss(real, fake)
         sem = jnp.mean((semantic - target) ** 2) if self.semantic else zero
@@ -296,8 +306,7 @@ class RecipeTrainer:
         fake = jax.lax.stop_gradient(recon)
 
         def loss_fn(params):
-            real_out = self.discriminators(params, audio)
-            fake_out = self.discriminators(params, fake)
+            real_out, fake_out = self.discriminators.pair(params, audio, fake)
             return self.recipe.discriminator_weight * lsgan_discriminator_loss(real_out, fake_out)
 
         loss, grads = jax.value_and_grad(loss_fn)(state.discriminator)

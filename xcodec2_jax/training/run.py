@@ -22,6 +22,7 @@ redone, so the losses are those of a run that never stopped.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 import sys
@@ -315,7 +316,7 @@ def train(
     first = crops.first_usable()
     enable_compilation_cache()
     config_, generator = starting_generator(model, config, semantic_model, seed, _say)
-    trainer = RecipeTrainer(config_, recipe, devices)
+    trainer = _trainer(config_, recipe, None if devices is None else tuple(devices))
     if batch_size % trainer.num_devices:
         raise ValueError(f"batch size {batch_size} is not a multiple of the {trainer.num_devices} devices")
     samples = segment_samples(config_, segment_seconds)
@@ -355,6 +356,13 @@ def train(
         out.close()
     _save_model(output, state, frozen, config_)
     return log
+
+
+@functools.lru_cache(maxsize=4)
+def _trainer(config: Xcodec2Config, recipe: Recipe, devices: tuple | None) -> RecipeTrainer:
+    """One trainer per (config, recipe, devices) and process: a second run in the same process (a
+    resumed one, a notebook's) reuses its traced and compiled step."""
+    return RecipeTrainer(config, recipe, devices)
 
 
 def _rows(batch_size: int) -> range:
