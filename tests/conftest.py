@@ -72,7 +72,7 @@ def _remove_temporary_files(tmp_path_factory):
 
 # Markers follow from what a test uses, so that no test can forget one: `slow` for full-size models
 # and everything under integration/, `subprocess` for child processes, `torch` for a PyTorch reference.
-_TORCH_FIXTURES = {"small_ref", "full_ref", "original_small", "original_ref"}
+_TORCH_FIXTURES = {"small_ref", "full_ref", "original_small", "original_ref", "tiny_ref"}
 _SLOW_FIXTURES = {"full_ref"}
 
 

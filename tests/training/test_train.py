@@ -54,7 +54,7 @@ def uninterrupted(tiny_ref, data_dir, tmp_path_factory):
     log = train(
         str(data_dir), str(out), recipe=_recipe(), model=tiny_ref.path, steps=STEPS, batch_size=2,
         segment_seconds=0.5, save_every=SAVE_EVERY, sample_every=SAMPLE_EVERY, progress=False,
-        tensorboard=False,
+        tensorboard=True,
     )  # fmt: skip
     return out, log
 
@@ -64,6 +64,27 @@ def _log(out) -> list[dict]:
         entries = [json.loads(line) for line in f]
     assert [e["step"] for e in entries] == list(range(1, len(entries) + 1))
     return entries
+
+
+def _events(folder) -> list:
+    """Every event of the TensorBoard files in ``folder`` (TFRecord framing: length, CRC, data, CRC)."""
+    import struct
+
+    from tensorboardX.proto import event_pb2
+
+    events = []
+    for name in sorted(os.listdir(folder)):
+        if not name.startswith("events.out.tfevents."):
+            continue
+        data = (folder / name).read_bytes()
+        offset = 0
+        while offset < len(data):
+            (length,) = struct.unpack("<Q", data[offset : offset + 8])
+            event = event_pb2.Event()
+            event.ParseFromString(data[offset + 12 : offset + 12 + length])
+            events.append(event)
+            offset += 12 + length + 4
+    return events
 
 
 def _mel_distance(codec, audio) -> float:
@@ -97,6 +118,18 @@ def test_run_logs_falls_and_its_output_loads(uninterrupted, tiny_ref):
     assert error["id"] == "broken.wav" and "cannot read audio" in error["error"]
     assert json.loads((out / "train.json").read_text())["recipe"]["mpd_channels"] == 4
     assert (out / "training_parts").is_dir()
+
+    # TensorBoard: every logged metric per step, and the samples as audio.
+    values = [v for e in _events(out) for v in e.summary.value]
+    mel_points = [v.simple_value for v in values if v.tag == "loss/mel"]
+    np.testing.assert_allclose(mel_points, mel, rtol=1e-6)
+    assert {v.tag for v in values} >= {
+        "loss/discriminator",
+        "learning_rate",
+        "samples/step",
+        "samples/reference",
+    }
+    assert all(v.audio.sample_rate == 16000 for v in values if v.tag.startswith("samples/"))
 
     # w2v-BERT stayed frozen; everything else trained.
     trained, original = flatten(load_params(str(out))), flatten(tiny_ref.params)
@@ -178,6 +211,7 @@ def test_killed_run_resumes_to_the_same_losses(uninterrupted, tiny_ref, data_dir
     assert (out / "params").is_dir()
 
 
+@pytest.mark.slow
 def test_rerun_with_another_recipe_is_refused(uninterrupted, data_dir, tiny_ref, capsys):
     out = uninterrupted[0]
     argv = ["train", str(data_dir), "-o", str(out), "--model", tiny_ref.path, "--steps", "1", *CLI_ARGS]
@@ -287,3 +321,34 @@ def test_bfloat16_generator_with_float32_master_weights(tiny_ref):
     opt = jax.eval_shape(trainer.generator_optimizer.init, trainable)
     updates, _ = jax.eval_shape(trainer.generator_optimizer.update, trainable, opt, trainable)
     assert {x.dtype for x in jax.tree.leaves(updates)} == {jnp.dtype(jnp.float32)}
+
+
+@pytest.mark.slow
+def test_from_scratch_start_reads_the_semantic_model(tiny_ref, tmp_path):
+    import jax
+
+    from xcodec2_jax.training.run import starting_generator
+
+    tiny_ref.model.semantic_encoder.save_pretrained(tmp_path / "w2v")  # transformers' Wav2Vec2BertModel
+    (tmp_path / "codec.json").write_text(json.dumps(TINY_CONFIG))
+    said = []
+    config, params = starting_generator(
+        None, str(tmp_path / "codec.json"), str(tmp_path / "w2v"), 0, said.append
+    )
+    assert config == tiny_ref.config
+    assert any("initialised fresh" in line for line in said)
+    assert {"fc_post_s", "semantic_decoder"} <= params.keys()
+    # The semantic encoder is the given model's, exactly; the rest is random.
+    for ours, theirs in zip(
+        jax.tree.leaves(params["semantic_encoder"]),
+        jax.tree.leaves(tiny_ref.params["semantic_encoder"]),
+        strict=True,
+    ):
+        np.testing.assert_array_equal(ours, theirs)
+    kernel = params["acoustic_decoder"]["fc"]["kernel"]
+    assert not np.array_equal(kernel, tiny_ref.params["acoustic_decoder"]["fc"]["kernel"])
+
+    with pytest.raises(ValueError, match="needs semantic_model"):
+        starting_generator(None, "small", None, 0, said.append)
+    with pytest.raises(ValueError, match="either model"):
+        starting_generator(tiny_ref.path, "small", None, 0, said.append)
