@@ -65,8 +65,9 @@ def _randomise_(module, seed: int) -> None:
                 p.copy_(norm * (0.5 + torch.rand(p.shape, generator=gen)))
 
 
-def _torch_spec_discriminator():
-    """X-Codec-2.0's ``SpecDiscriminator`` at its published ``mstft`` configuration, rewritten in torch."""
+def _torch_spec_discriminator(channels: int = 32):
+    """X-Codec-2.0's ``SpecDiscriminator`` at its published ``mstft`` configuration (the first layer
+    ``channels`` wide), rewritten in torch; weights from torch's default initialisation, seed 0."""
     import torch
     from torch import nn
 
@@ -99,7 +100,7 @@ def _torch_spec_discriminator():
     class Spec(nn.Module):
         def __init__(self):
             super().__init__()
-            self.model = nn.ModuleDict({f"disc_{i}": NLayer() for i in range(len(SPEC_FFT_SIZES))})
+            self.model = nn.ModuleDict({f"disc_{i}": NLayer(ch=channels) for i in range(len(SPEC_FFT_SIZES))})
 
         def forward(self, x):
             x = x.squeeze(1)

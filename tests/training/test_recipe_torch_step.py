@@ -37,7 +37,7 @@ import jax
 import numpy as np
 import pytest
 from conftest import QUICK_RECIPE, TINY_CONFIG, _make_reference, load_speech
-from test_discriminators import MPD_TORCH_PARAMS, _randomise_, _torch_stft_magnitude
+from test_discriminators import MPD_TORCH_PARAMS, _randomise_, _torch_spec_discriminator
 from test_gan_losses import _torch_mel_loss
 
 from xcodec2_jax import load_params
@@ -45,9 +45,6 @@ from xcodec2_jax.inference.compilation_cache import enable_compilation_cache
 from xcodec2_jax.modeling.features import fbank_features_jax
 from xcodec2_jax.training.discriminators import (
     MPD_PERIODS,
-    SPEC_FFT_SIZES,
-    SPEC_HOP_SIZES,
-    SPEC_WIN_LENGTHS,
     params_from_torch,
 )
 from xcodec2_jax.training.recipe import Recipe, RecipeTrainer
@@ -87,59 +84,6 @@ def _torch_semantic_decoder(channels: int):
             return self.final_conv(x)
 
     return SemanticDecoder(channels, channels, channels)
-
-
-def _torch_spec_discriminator(channels: int):
-    """X-Codec-2.0's ``module/mstft.py`` ``SpecDiscriminator`` at its published ``mstft`` configuration
-    but for the first layer's width (``channels``), weight norm on every convolution."""
-    from torch import nn
-
-    def conv(cin, cout, kernel, stride=1):
-        return nn.utils.weight_norm(nn.Conv2d(cin, cout, kernel, stride, padding=kernel // 2))
-
-    class NLayerSpecDiscriminator(nn.Module):
-        def __init__(self, kernel_sizes=(5, 3), max_channels=512, scales=(2, 2, 2)):
-            super().__init__()
-            layers = {
-                "layer_0": nn.Sequential(conv(1, channels, kernel_sizes[0], 2), nn.LeakyReLU(0.2, True))
-            }
-            cin = channels
-            for i, s in enumerate(scales):
-                cout = min(cin * s, max_channels)
-                layers[f"layer_{i + 1}"] = nn.Sequential(
-                    conv(cin, cout, 2 * s + 1, s), nn.LeakyReLU(0.2, True)
-                )
-                cin = cout
-            cout = min(cin * 2, max_channels)
-            layers[f"layer_{len(scales) + 1}"] = nn.Sequential(
-                conv(cin, cout, kernel_sizes[1]), nn.LeakyReLU(0.2, True)
-            )
-            layers[f"layer_{len(scales) + 2}"] = conv(cout, 1, kernel_sizes[1])
-            self.model = nn.ModuleDict(layers)
-
-        def forward(self, x):
-            outs = []
-            for layer in self.model.values():
-                x = layer(x)
-                outs.append(x)
-            return outs
-
-    class SpecDiscriminator(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.model = nn.ModuleDict(
-                {f"disc_{i}": NLayerSpecDiscriminator() for i in range(len(SPEC_FFT_SIZES))}
-            )
-
-        def forward(self, x):
-            x = x.squeeze(1)
-            outs = []
-            for i, disc in enumerate(self.model.values()):
-                spec = _torch_stft_magnitude(x, SPEC_FFT_SIZES[i], SPEC_HOP_SIZES[i], SPEC_WIN_LENGTHS[i])
-                outs.append(disc(spec.transpose(1, 2).unsqueeze(1)))  # (B, 1, F, frames)
-            return outs
-
-    return SpecDiscriminator()
 
 
 def _torch_training_modules(config):
