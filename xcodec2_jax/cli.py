@@ -330,6 +330,9 @@ def _add_train_arguments(
     p.add_argument("--loss-weights", metavar="JSON", help='e.g. \'{"mel_weight": 45, "semantic_weight": 5}\'')
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="compute dtype")
     p.add_argument(
+        "--dropout", type=float, default=0.1, help="the decoder's ResNet-block dropout (default 0.1)"
+    )
+    p.add_argument(
         "--discriminator-channels",
         metavar="MPD,SPEC",
         help="first-layer widths of the two discriminators (default 16,32, X-Codec-2.0's)",
@@ -374,7 +377,9 @@ def _add_train_parsers(sub) -> None:
 
 def _recipe(args) -> Recipe:
     finetune = args.recipe_default == "reconstruction" and args.recipe == "reconstruction"
-    options = dict(name=args.recipe, learning_rate=args.learning_rate, compute_dtype=args.dtype)
+    options = dict(
+        name=args.recipe, learning_rate=args.learning_rate, compute_dtype=args.dtype, dropout=args.dropout
+    )
     if finetune:  # the decoder's fine-tune: a short warm-up, then down to a tenth over the run
         warmup = max(1, args.steps // 20)
         options.update(warmup_steps=warmup, decay_steps=max(1, args.steps - warmup))

@@ -228,3 +228,29 @@ def test_per_layer_params_decode_bit_identically(small_ref):
     )
     with pytest.raises(ValueError, match="both a stacked 'layers' and per-layer"):
         decode(both, codes, mask)
+
+
+def test_resnet_block_dropout_is_training_only_and_before_the_last_conv(small_ref):
+    """X-Codec-2.0's training-time dropout sits after the second GroupNorm and SiLU, before conv2."""
+    import flax
+
+    from xcodec2_jax.modeling.decoder import ResNetBlock
+
+    config = small_ref.config
+    params = {"params": small_ref.params["acoustic_decoder"]["prior_net_0"]}
+    x = jax.random.normal(jax.random.key(0), (2, 12, config.hidden_size))
+    plain = ResNetBlock(config).apply(params, x)
+    block = ResNetBlock(config, dropout_rate=0.5)
+    np.testing.assert_array_equal(block.apply(params, x), plain)  # deterministic unless asked
+
+    def train(key, rate=0.5):
+        return ResNetBlock(config, dropout_rate=rate).apply(
+            params, x, deterministic=False, rngs={"dropout": jax.random.key(key)}
+        )
+
+    np.testing.assert_array_equal(train(1), train(1))
+    assert not np.array_equal(train(1), train(2)) and not np.array_equal(train(1), plain)
+    # Everything dropped: conv2 sees zeros, so the block is its input plus conv2's bias.
+    np.testing.assert_array_equal(train(1, rate=1.0), x + params["params"]["conv2"]["bias"])
+    with pytest.raises(flax.errors.InvalidRngError):
+        block.apply(params, x, deterministic=False)

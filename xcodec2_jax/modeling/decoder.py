@@ -23,15 +23,22 @@ from .nn.layers import GroupNorm, RMSNorm, attention, conv1d, resolve_precision,
 
 
 class ResNetBlock(nn.Module):
-    """GroupNorm(32) -> SiLU -> conv3 -> GroupNorm(32) -> SiLU -> conv3, plus the input."""
+    """GroupNorm(32) -> SiLU -> conv3 -> GroupNorm(32) -> SiLU -> dropout -> conv3, plus the input.
+
+    The dropout (``dropout_rate``, only when called with ``deterministic=False`` and a ``"dropout"``
+    rng) is X-Codec-2.0's training-time one; released models decode without it.
+    """
 
     config: Xcodec2Config
     dtype: jnp.dtype = jnp.float32
     precision: Any = None
     lowering: str = "auto"
+    dropout_rate: float = 0.0
 
     @nn.compact
-    def __call__(self, x: jnp.ndarray, mask: jnp.ndarray | None = None) -> jnp.ndarray:
+    def __call__(
+        self, x: jnp.ndarray, mask: jnp.ndarray | None = None, deterministic: bool = True
+    ) -> jnp.ndarray:
         h = self.config.hidden_size
         conv = functools.partial(
             conv1d, h, 3, padding=1, dtype=self.dtype, precision=self.precision, lowering=self.lowering
@@ -41,6 +48,8 @@ class ResNetBlock(nn.Module):
         y = conv(name="conv1")(y)
         y = GroupNorm(32, 1e-6, name="norm2")(y, mask)
         y = zero_masked(nn.silu(y).astype(self.dtype), mask)
+        if self.dropout_rate > 0 and not deterministic:
+            y = nn.Dropout(self.dropout_rate)(y, deterministic=False)
         y = conv(name="conv2")(y)
         return y + x
 
@@ -176,16 +185,23 @@ class ISTFTHead(nn.Module):
 
 
 class Decoder(nn.Module):
-    """Latents (B, N, quantization_dim) -> audio (B, N · hop)."""
+    """Latents (B, N, quantization_dim) -> audio (B, N · hop).
+
+    ``dropout_rate`` is the training-time dropout of the four ResNet blocks (X-Codec-2.0: 0.1).
+    """
 
     config: Xcodec2Config
     dtype: jnp.dtype = jnp.float32
     precision: Any = None
     lowering: str = "auto"
+    dropout_rate: float = 0.0
 
     @nn.compact
-    def __call__(self, latents: jnp.ndarray, mask: jnp.ndarray | None = None) -> jnp.ndarray:
-        """``mask`` (B, N), true on valid frames: decode each item as if alone (see module doc)."""
+    def __call__(
+        self, latents: jnp.ndarray, mask: jnp.ndarray | None = None, deterministic: bool = True
+    ) -> jnp.ndarray:
+        """``mask`` (B, N), true on valid frames: decode each item as if alone (see module doc).
+        ``deterministic=False`` applies the dropout, drawn from the ``"dropout"`` rng."""
         cfg, dtype = self.config, self.dtype
         precision = resolve_precision(self.precision, dtype)
         opts = (cfg, dtype, precision, self.lowering)
@@ -194,12 +210,13 @@ class Decoder(nn.Module):
         x = nn.Dense(cfg.hidden_size, dtype=dtype, precision=precision, name="fc")(latents.astype(dtype))
         embed = conv1d(cfg.hidden_size, 7, padding=3, dtype=dtype, precision=precision, name="embed")
         x = embed(zero_masked(x, mask))
+        block = functools.partial(ResNetBlock, *opts, dropout_rate=self.dropout_rate)
         for i in range(2):
-            x = ResNetBlock(*opts, name=f"prior_net_{i}")(x, mask)
+            x = block(name=f"prior_net_{i}")(x, mask, deterministic)
         # The layers are identical: one is traced and scanned over their stacked parameters, or run
         # one by one on per-layer parameters (layout.per_layer), which XLA:CPU reads without copies.
         x = run_layers(self, DecoderLayer, cfg.num_hidden_layers, "layers", opts, x, mask)
         for i in range(2):
-            x = ResNetBlock(*opts, name=f"post_net_{i}")(x, mask)
+            x = block(name=f"post_net_{i}")(x, mask, deterministic)
         x = nn.LayerNorm(epsilon=1e-6, dtype=jnp.float32, use_fast_variance=False, name="norm")(x)
         return ISTFTHead(cfg, name="head")(x, mask)

@@ -9,7 +9,8 @@ both; they are initialised fresh when training starts from one.
 The forward pass is the training repo's: the acoustic encoder reads the crop itself (T a multiple of
 the hop, T / hop codes), the semantic encoder the features of the crop (padded by half a hop on each
 side, as that repo's data module does), the decoder the straight-through latents, and the output is
-T samples long.
+T samples long. The decoder's ResNet blocks apply X-Codec-2.0's training-time dropout when a
+``dropout_key`` is given.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import jax
 import jax.numpy as jnp
 
 from ..config import Xcodec2Config
+from ..modeling.decoder import Decoder
 from ..modeling.features import fbank_features_jax
 from ..modeling.model import Xcodec2Model
 from ..modeling.nn.layers import resolve_precision
@@ -60,12 +62,14 @@ class Generator:
 
     The tree is the codec's (``semantic_encoder``, ``acoustic_encoder``, ..., ``acoustic_decoder``)
     plus ``fc_post_s`` and ``semantic_decoder``. ``dtype`` is the compute dtype (the float32 islands
-    of inference stay float32; outputs are float32).
+    of inference stay float32; outputs are float32). ``dropout`` is the rate of the decoder's
+    training-time dropout.
     """
 
-    def __init__(self, config: Xcodec2Config, dtype: Any = jnp.float32):
+    def __init__(self, config: Xcodec2Config, dtype: Any = jnp.float32, dropout: float = 0.0):
         self.config = config
         self.model = Xcodec2Model(config, dtype=dtype)
+        self.decoder = Decoder(config, dtype=dtype, dropout_rate=dropout)
         self.heads = SemanticReconstruction(config, dtype=dtype)
 
     def init_training_parts(self, key: jax.Array) -> dict:
@@ -73,10 +77,17 @@ class Generator:
         latents = jnp.zeros((1, 2, self.config.quantization_dim), jnp.float32)
         return dict(jax.jit(SemanticReconstruction(self.config).init)(key, latents)["params"])
 
-    def __call__(self, params: dict, audio: jnp.ndarray, with_semantic: bool = True) -> GeneratorOutput:
+    def __call__(
+        self,
+        params: dict,
+        audio: jnp.ndarray,
+        with_semantic: bool = True,
+        dropout_key: jax.Array | None = None,
+    ) -> GeneratorOutput:
         """Reconstruct (B, T) float32 ``audio`` (T a multiple of the hop) through the codec.
 
-        ``with_semantic`` False skips the semantic decoder (its outputs are then zero-sized)."""
+        ``with_semantic`` False skips the semantic decoder (its outputs are then zero-sized);
+        ``dropout_key`` (a PRNG key) turns the decoder's dropout on, None leaves it off."""
         codec = {k: v for k, v in params.items() if k not in TRAINING_ONLY}
         variables = {"params": codec}
         b, t = audio.shape
@@ -92,8 +103,13 @@ class Generator:
             method=Xcodec2Model.encoder_hidden_states,
         )
         latents, codes = self.model.apply(variables, hidden, method=Xcodec2Model.quantize)
-        recon = self.model.apply(variables, latents=jnp.swapaxes(latents, 1, 2), method=Xcodec2Model.decode)
-        recon = recon.audio_values[:, 0, :t].astype(jnp.float32)
+        recon = self.decoder.apply(
+            {"params": codec["acoustic_decoder"]},
+            latents,
+            deterministic=dropout_key is None,
+            rngs=None if dropout_key is None else {"dropout": dropout_key},
+        )
+        recon = recon[:, :t].astype(jnp.float32)
         if with_semantic:
             heads = {"params": {k: params[k] for k in TRAINING_ONLY}}
             semantic = self.heads.apply(heads, latents).astype(jnp.float32)

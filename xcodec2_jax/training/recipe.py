@@ -13,8 +13,9 @@ The recipe (X-Codec-2.0's ``config/train/default.yaml`` and ``lightning_module.p
   and the generator's losses are then taken through the updated discriminators, as the reference's
   manual optimisation does.
 
-One difference from X-Codec-2.0: its decoder applies dropout (0.1) in the residual blocks around the
-transformer while training; this generator has none (the codec's modules are deterministic).
+As X-Codec-2.0's, the decoder's four ResNet blocks apply dropout (``dropout``, 0.1) while training;
+the masks of step k come from ``fold_in(state.rng, k)``, so a resumed run draws the same ones, and
+JAX's partitionable PRNG makes them independent of how the batch is split over devices.
 
 The ``reconstruction`` recipe drops the discriminators and the semantic loss and trains on
 ``mel_loss + multi_resolution_stft_loss`` (Vocos' log-mel and auraloss' defaults).
@@ -42,6 +43,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from ..config import Xcodec2Config
 from ..modeling.layout import PRE_QUANTIZER_MODULES
 from ..utils.dtypes import COMPUTE_DTYPES, compute_dtype
+from ..utils.validation import int_at_least, positive_int
 from .discriminators import MultiPeriodDiscriminator, SpecDiscriminator
 from .generator import TRAINING_ONLY, Generator
 from .losses import (
@@ -100,6 +102,7 @@ class Recipe:
     spec_channels: int = 32
     trainable: tuple[str, ...] | None = None
     compute_dtype: str = "float32"
+    dropout: float = 0.1
 
     def __post_init__(self):
         if self.name not in RECIPES:
@@ -108,11 +111,11 @@ class Recipe:
             if not float(getattr(self, field)) > 0:
                 raise ValueError(f"{field} must be positive, got {getattr(self, field)!r}")
         for field in ("mpd_channels", "spec_channels"):
-            if not isinstance(getattr(self, field), int) or getattr(self, field) < 1:
-                raise ValueError(f"{field} must be a positive integer, got {getattr(self, field)!r}")
+            positive_int(getattr(self, field), field)
         for field in ("warmup_steps", "decay_steps"):
-            if not isinstance(getattr(self, field), int) or getattr(self, field) < 0:
-                raise ValueError(f"{field} must be a non-negative integer, got {getattr(self, field)!r}")
+            int_at_least(getattr(self, field), field, 0)
+        if not 0 <= float(self.dropout) < 1:
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout!r}")
         if self.compute_dtype not in COMPUTE_DTYPES:
             raise ValueError(
                 f"compute_dtype must be one of {list(COMPUTE_DTYPES)}, got {self.compute_dtype!r}"
@@ -196,9 +199,11 @@ class Discriminators:
 @flax.struct.dataclass
 class GanState:
     """What a step updates: ``step`` (int32, steps done), the trainable generator parameters and the
-    discriminators' (an empty dict for the reconstruction recipe), and their optimiser states."""
+    discriminators' (an empty dict for the reconstruction recipe), and their optimiser states.
+    ``rng`` (uint32 (2,), the run's raw PRNG key) seeds the dropout of every step."""
 
     step: jnp.ndarray
+    rng: jnp.ndarray
     generator: Any
     generator_opt: Any
     discriminator: Any
@@ -236,7 +241,7 @@ class RecipeTrainer:
         self.mesh = make_mesh(devices)
         self.replicated = NamedSharding(self.mesh, PartitionSpec())
         self.data_sharding = NamedSharding(self.mesh, PartitionSpec("data"))
-        self.generator = Generator(config, compute_dtype(recipe.compute_dtype))
+        self.generator = Generator(config, compute_dtype(recipe.compute_dtype), recipe.dropout)
         self.discriminators = Discriminators(recipe.mpd_channels, recipe.spec_channels)
         self.generator_optimizer = make_optimizer(recipe)
         self.discriminator_optimizer = make_optimizer(recipe)
@@ -255,10 +260,11 @@ class RecipeTrainer:
     def num_devices(self) -> int:
         return self.mesh.devices.size
 
-    def _init(self, generator: Mapping[str, Any], discriminator: Mapping[str, Any]) -> tuple[GanState, dict]:
+    def _init(self, generator: Mapping[str, Any], discriminator: Mapping[str, Any], seed) -> tuple:
         trainable, frozen = split_params(generator, self.recipe.trainable)
         state = GanState(
             step=jnp.zeros((), jnp.int32),
+            rng=jax.random.PRNGKey(seed),
             generator=trainable,
             generator_opt=self.generator_optimizer.init(trainable),
             discriminator=dict(discriminator),
@@ -267,15 +273,22 @@ class RecipeTrainer:
         return state, frozen
 
     def init_state(
-        self, generator: Mapping[str, Any], discriminator: Mapping[str, Any]
+        self, generator: Mapping[str, Any], discriminator: Mapping[str, Any], seed: int = 0
     ) -> tuple[GanState, dict]:
-        """(state at step 0, frozen generator parts), replicated on the mesh."""
-        state, frozen = jax.jit(self._init, out_shardings=self.replicated)(generator, discriminator)
-        return state, frozen
+        """(state at step 0, frozen generator parts), replicated on the mesh; ``seed`` seeds dropout."""
+        init = jax.jit(self._init, out_shardings=self.replicated)
+        return init(generator, discriminator, jnp.uint32(seed))
+
+    def frozen(self, generator: Mapping[str, Any]) -> dict:
+        """The generator's frozen parts, replicated on the mesh (what a resumed run needs beside the
+        restored state)."""
+        _, frozen = split_params(generator, self.recipe.trainable)
+        return jax.jit(lambda tree: tree, out_shardings=self.replicated)(frozen)
 
     def abstract_state(self, generator: Mapping[str, Any], discriminator: Mapping[str, Any]) -> GanState:
-        """Shapes, dtypes and shardings of :meth:`init_state`'s state, to restore a checkpoint into."""
-        state, _ = jax.eval_shape(self._init, generator, discriminator)
+        """Shapes, dtypes and shardings of :meth:`init_state`'s state, to restore a checkpoint into.
+        The arguments may be arrays or ``jax.ShapeDtypeStruct`` trees."""
+        state, _ = jax.eval_shape(self._init, generator, discriminator, jnp.uint32(0))
         return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=self.replicated), state)
 
     def _generator_losses(self, disc_params, audio, recon, semantic, target):
@@ -318,8 +331,11 @@ class RecipeTrainer:
     def train_step(self, state: GanState, frozen, audio):
         """One step on the global (B, T) batch, unjitted (what :meth:`step` runs jitted and sharded)."""
 
+        key = jax.random.fold_in(state.rng, state.step) if self.recipe.dropout > 0 else None
+
         def forward(trainable):
-            out = self.generator({**frozen, **trainable}, audio, with_semantic=self.semantic)
+            params = {**frozen, **trainable}
+            out = self.generator(params, audio, with_semantic=self.semantic, dropout_key=key)
             return (out.audio, out.semantic), out.semantic_target
 
         (recon, semantic), pullback, target = jax.vjp(forward, state.generator, has_aux=True)
@@ -343,7 +359,8 @@ class RecipeTrainer:
                 "grad_norm/discriminator": disc_norm,
             }
         )
-        new = GanState(state.step + 1, optax.apply_updates(state.generator, updates), gen_opt, disc, disc_opt)
+        generator = optax.apply_updates(state.generator, updates)
+        new = GanState(state.step + 1, state.rng, generator, gen_opt, disc, disc_opt)
         return new, metrics
 
     def global_batch(self, rows: np.ndarray) -> jax.Array:

@@ -227,15 +227,23 @@ class RunOutput:
 
 
 class _ErrorLog:
-    """Unreadable items: one line on stderr and one in ``errors.jsonl`` each (process 0)."""
+    """Unreadable items: one line on stderr and one in ``errors.jsonl`` each (process 0); an item
+    already in the file (a resumed run meets it again) is not written twice."""
 
     def __init__(self, output: str):
         self.file = os.path.join(output, ERRORS_NAME)
+        self.recorded = set()
+        if os.path.exists(self.file):
+            with open(self.file, encoding="utf-8") as f:
+                self.recorded = {json.loads(line)["id"] for line in f if line.strip()}
 
     def __call__(self, item: Item, reason: str) -> None:
         if jax.process_index() != 0:
             return
         _say(f"{item.path}: skipped: {reason}")
+        if item.id in self.recorded:
+            return
+        self.recorded.add(item.id)
         with open(self.file, "a", encoding="utf-8") as f:
             f.write(json.dumps({"id": item.id, "path": item.path, "error": reason}) + "\n")
 
@@ -291,7 +299,7 @@ def train(
             directory) to start from random weights.
         steps: optimiser steps in all; batch_size: crops per step over every device and process;
             segment_seconds: crop length; save_every / sample_every: periods in steps.
-        seed: of the crops and of fresh parameters.
+        seed: of the crops, of fresh parameters and of the dropout masks.
         devices: the mesh's devices (default every device of every process).
         tensorboard: True requires ``tensorboardX``, False skips it, None uses it when installed.
         coordinator_address, num_processes, process_id, distributed: ``jax.distributed``, as tokenize.
@@ -316,7 +324,7 @@ def train(
     first = crops.first_usable()
     enable_compilation_cache()
     config_, generator = starting_generator(model, config, semantic_model, seed, _say)
-    trainer = _trainer(config_, recipe, None if devices is None else tuple(devices))
+    trainer = trainer_for(config_, recipe, None if devices is None else tuple(devices))
     if batch_size % trainer.num_devices:
         raise ValueError(f"batch size {batch_size} is not a multiple of the {trainer.num_devices} devices")
     samples = segment_samples(config_, segment_seconds)
@@ -341,9 +349,11 @@ def train(
     except ValueError:
         checkpoints.close()
         raise
-    state, frozen = trainer.init_state(generator, discriminators)
     if start:
         state = checkpoints.restore(trainer.abstract_state(generator, discriminators), start)
+        frozen = trainer.frozen(generator)
+    else:
+        state, frozen = trainer.init_state(generator, discriminators, seed)
     del generator, discriminators
     log = _read_log(os.path.join(output, LOG_NAME), start)
     out = RunOutput(output, log, tensorboard, _say)
@@ -359,7 +369,7 @@ def train(
 
 
 @functools.lru_cache(maxsize=4)
-def _trainer(config: Xcodec2Config, recipe: Recipe, devices: tuple | None) -> RecipeTrainer:
+def trainer_for(config: Xcodec2Config, recipe: Recipe, devices: tuple | None = None) -> RecipeTrainer:
     """One trainer per (config, recipe, devices) and process: a second run in the same process (a
     resumed one, a notebook's) reuses its traced and compiled step."""
     return RecipeTrainer(config, recipe, devices)
