@@ -375,18 +375,6 @@ def run_in_process(args, checkpoint: str, audio: np.ndarray, cache_dir: str | No
 # ------------------------------------------------------------------------------------------------ main
 
 
-def _git_state() -> str | None:
-    """The commit measured, with "+dirty" when the working tree differs from it."""
-    try:
-        rev = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True, check=True
-        ).stdout.strip()
-        dirty = subprocess.run(["git", "diff", "--quiet", "HEAD"], cwd=REPO).returncode != 0
-    except (OSError, subprocess.CalledProcessError):
-        return None
-    return rev + ("+dirty" if dirty else "")
-
-
 def progress_line(row: dict) -> str:
     extra = ""
     if row.get("time_ratio_vs_torch") is not None:
@@ -450,7 +438,7 @@ def main(argv=None) -> int:
             "batch": 1,
             "audio_s": args.duration,
             "audio_source": audio_source,
-            "git": _git_state(),
+            "git": measure.git_state(),
         }
         if not args.skip_cli:
             load_start = measure._loadavg()

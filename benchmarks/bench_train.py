@@ -1,26 +1,34 @@
-"""Decoder fine-tuning step (the ``reconstruction`` recipe): xcodec2_jax's ``RecipeTrainer`` vs the same
-step written in PyTorch.
+"""A training step: xcodec2_jax's ``RecipeTrainer`` vs the same step in PyTorch, alternating rounds.
 
-One step, both sides: features of a batch of real speech, the frozen encoder's codes (no gradient),
-the decoder's reconstruction, loss = log-mel L1 + multi-resolution STFT (auraloss on the torch side,
-``xcodec2_jax.training.losses`` on ours, equal to it), backward through the decoder only, gradient clipping
-at global norm 1 and an AdamW update of the decoder's parameters. The torch side computes features
-with our numpy extractor (transformers' needs torchaudio, which does not load here) and its mel loss
-with ``torch.stft`` and transformers' mel filter bank, as ``tests/test_losses.py`` checks ours against.
+``--recipe xcodec2`` (the default) is X-Codec2's whole GAN step: the generator once, then an AdamW step
+of the multi-period and spectrogram discriminators on its output, then one of everything but w2v-BERT
+on 15 · mel + adversarial + feature matching + 5 · semantic; the torch side is
+``benchmarks/torch_recipe.py`` (X-Codec-2.0's ``training_step`` on transformers' modules, kan-bayashi's
+multi-period discriminator from the pinned ``parallel-wavegan`` release, fetched as the tests do). The
+torch step gets its semantic features computed beforehand; ours computes them inside the step. Neither
+applies dropout (transformers' decoder has none). ``--dtype bfloat16`` runs ours with bfloat16 compute
+(float32 master weights and islands) and torch under ``torch.autocast("cpu", torch.bfloat16)``.
+
+``--recipe reconstruction`` is the decoder's fine-tuning step (frozen encoder, log-mel + multi-resolution
+STFT loss); its torch side computes features with our numpy extractor and the mel loss with
+``torch.stft`` and transformers' mel filter bank, as ``tests/training/test_losses.py`` checks ours against.
 
 The two are warmed up (JAX: compiled ahead of time, compile time reported), then timed in
 alternating rounds. Memory: JAX, XLA's buffer assignment of the compiled step (arguments, i.e. the
-weights, optimizer state and batch, + temporaries + outputs − donated); torch, the tensor storages
+weights, optimizer states and batch, + temporaries + outputs − donated); torch, the tensor storages
 alive at once during a step (``measure``'s dispatch-mode tracker, backward included) plus the
-weights, gradients and optimizer state the step touches.
+weights, gradients and optimizer states the step touches.
 
-    python -m benchmarks.bench_train                       # full config, batch 4 x 2 s, 3 rounds
+    python -m benchmarks.bench_train                       # full config, xcodec2 recipe, 4 x 2 s, 3 rounds
+    python -m benchmarks.bench_train --dtype bfloat16
+    python -m benchmarks.bench_train --recipe reconstruction
     python -m benchmarks.bench_train --config tiny --rounds 1
 """
 
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
 import os
 import platform
@@ -36,12 +44,15 @@ from .bench_codec import TINY_CONFIG, make_batch, speech_loop, spread_weights_
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # see README: spinning OpenMP threads on a shared CPU
 OUT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results_train.jsonl")
+TESTS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests")
 LR = 1e-4
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--config", choices=("full", "tiny"), default="full")
+    p.add_argument("--recipe", choices=("xcodec2", "reconstruction"), default="xcodec2")
+    p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--seconds", type=float, default=2.0)
     p.add_argument("--rounds", type=int, default=3, help="timed rounds (each runs both steps once)")
@@ -49,8 +60,8 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def torch_step_fn(model, audio: np.ndarray):
-    """A closure running one torch fine-tuning step on ``audio`` (B, T); returns the loss."""
+def torch_reconstruction_step(model, audio: np.ndarray):
+    """The torch fine-tuning step on ``audio`` (B, T) as (closure returning the loss, optimizers)."""
     import torch
     from auraloss.freq import MultiResolutionSTFTLoss
     from transformers.audio_utils import mel_filter_bank
@@ -88,9 +99,44 @@ def torch_step_fn(model, audio: np.ndarray):
         optimizer.step()
         return loss.item()
 
-    return step, [*model.parameters(), *(p.grad for p in decoder if p.grad is not None)], optimizer
+    return step, [optimizer]
 
 
+def torch_recipe_step(model, config, audio: np.ndarray, features: np.ndarray, dtype: str):
+    """X-Codec2's GAN step in torch (``torch_recipe.RecipeStep``) as (closure returning the generator
+    loss, optimizers), and our generator and discriminator parameters from the same weights."""
+    import torch
+
+    from xcodec2_jax.training.discriminators import params_from_torch
+
+    from .torch_recipe import RecipeStep, heads_params, training_modules
+
+    sys.path.insert(0, TESTS)  # the pinned parallel-wavegan release, fetched as the tests do
+    from parallel_wavegan_release import hifigan_module
+
+    heads, mpd, spec = training_modules(config, hifigan_module().HiFiGANMultiPeriodDiscriminator)
+    discriminators = {
+        "mpd": params_from_torch(mpd.state_dict())["params"],
+        "spec": params_from_torch(spec.state_dict())["params"],
+    }
+    autocast = torch.bfloat16 if dtype == "bfloat16" else None
+    step = RecipeStep(model, heads, mpd, spec, LR, autocast=autocast)
+    optimizers = [step.generator_opt, step.discriminator_opt]
+    return (lambda: step(audio, features)["loss/generator"]), optimizers, heads_params(*heads), discriminators
+
+
+def _optimizer_tensors(optimizers) -> list:
+    import torch
+
+    tensors = []
+    for opt in optimizers:
+        for group in opt.param_groups:
+            tensors += [p for p in group["params"]] + [p.grad for p in group["params"] if p.grad is not None]
+        tensors += [t for s in opt.state.values() for t in s.values() if torch.is_tensor(t)]
+    return tensors
+
+
+# long: set-up of both sides, warm-up and memory, then the alternating rounds and the rows
 def main(argv=None) -> int:
     args = parse_args(argv)
     import jax
@@ -99,6 +145,7 @@ def main(argv=None) -> int:
     from transformers import Xcodec2Model as TorchModel
 
     from xcodec2_jax import load_checkpoint
+    from xcodec2_jax.modeling.features import fbank_features_jax
     from xcodec2_jax.training.recipe import Recipe, RecipeTrainer
 
     torch.set_num_threads(os.cpu_count())
@@ -110,11 +157,26 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         model.save_pretrained(tmp)
         config, params = load_checkpoint(tmp)
+    audio = audio[:, : audio.shape[1] // config.hop_length * config.hop_length]
 
-    recipe = Recipe("reconstruction", learning_rate=LR, initial_learning_rate=LR, warmup_steps=0)
+    recipe = Recipe(
+        args.recipe, learning_rate=LR, initial_learning_rate=LR, warmup_steps=0, dropout=0.0,
+        compute_dtype=args.dtype,
+    )  # fmt: skip
+    discriminators = {}
+    if args.recipe == "xcodec2":
+        lengths = np.full((len(audio),), audio.shape[1], np.int32)
+        features = np.asarray(fbank_features_jax(audio, lengths, hop_length=config.hop_length)[0])
+        made = torch_recipe_step(model, config, audio, features, args.dtype)
+        torch_step, optimizers, heads, discriminators = made
+        params = {**params, **heads}
+    else:
+        if args.dtype != "float32":
+            raise SystemExit("--recipe reconstruction is benchmarked in float32 only")
+        torch_step, optimizers = torch_reconstruction_step(model, audio)
     trainer = RecipeTrainer(config, recipe)
-    state, frozen = trainer.init_state(params, {})
-    del params
+    state, frozen = trainer.init_state(params, discriminators)
+    del params, discriminators
     batch = trainer.global_batch(audio)
     start = time.perf_counter()
     compiled = trainer.compile(state, frozen, batch)
@@ -130,12 +192,10 @@ def main(argv=None) -> int:
     jax_losses = [jax_step()]
     jax_first = time.perf_counter() - start
 
-    torch_step, external, optimizer = torch_step_fn(model, audio)
     start = time.perf_counter()
-    torch_losses = [torch_step()]  # creates the optimizer state and gradients
+    torch_losses = [torch_step()]  # creates the optimizer states and gradients
     torch_first = time.perf_counter() - start
-    external = [*external, *(t for s in optimizer.state.values() for t in s.values() if torch.is_tensor(t))]
-    external += [p.grad for p in model.acoustic_decoder.parameters() if p.grad is not None]
+    external = [*model.parameters(), *_optimizer_tensors(optimizers)]
     tracker = measure._tensor_memory_tracker_cls()(external)
     with tracker:
         torch_losses.append(torch_step())
@@ -153,7 +213,12 @@ def main(argv=None) -> int:
     load_end = measure._loadavg()
 
     base = dict(
+        run_id=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        git=measure.git_state(),
+        command="python -m benchmarks.bench_train " + " ".join(argv if argv is not None else sys.argv[1:]),
         config=args.config,
+        recipe=args.recipe,
+        dtype=args.dtype,
         batch=args.batch,
         seconds=args.seconds,
         stage="train_step",
@@ -186,7 +251,7 @@ def main(argv=None) -> int:
             )
         )
     rows[0]["speedup_vs_torch"] = rows[1]["median_s"] / rows[0]["median_s"]
-    # Both first losses come from the same weights and batch (the JAX schedule's first step has lr 0).
+    # Both first losses come from the same weights and batch.
     rows[0]["first_loss_rel_diff_vs_torch"] = abs(jax_losses[0] - torch_losses[0]) / abs(torch_losses[0])
     with open(args.out, "a", encoding="utf-8") as f:
         for row in rows:

@@ -18,6 +18,7 @@ from __future__ import annotations
 import os
 import platform
 import statistics
+import subprocess
 import time
 import tracemalloc
 import weakref
@@ -330,3 +331,18 @@ def environment(torch_threads: int | None) -> dict:
         }
         | {"python": platform.python_version()},
     }
+
+
+_REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def git_state() -> str | None:
+    """The commit measured, with "+dirty" when the working tree differs from it."""
+    try:
+        rev = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=_REPO, capture_output=True, text=True, check=True
+        ).stdout.strip()
+        dirty = subprocess.run(["git", "diff", "--quiet", "HEAD"], cwd=_REPO).returncode != 0
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return rev + ("+dirty" if dirty else "")

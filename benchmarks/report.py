@@ -784,6 +784,8 @@ def tokenize_section(rows: list[dict], ctx: dict) -> list[str]:
 
 TRAIN_RUN_FIELDS = (
     "config",
+    "recipe",
+    "dtype",
     "batch",
     "seconds",
     "cpu",
@@ -807,6 +809,8 @@ def train_section(rows: list[dict], ctx: dict) -> list[str]:
         "versions",
         "command",
         "config",
+        "recipe",
+        "dtype",
         "batch",
         "JAX step s, median (rounds)",
         "torch step s, median (rounds)",
@@ -838,6 +842,8 @@ def train_section(rows: list[dict], ctx: dict) -> list[str]:
                 versions(first, ("jax", "torch")),
                 command(first),
                 first.get("config"),
+                first.get("recipe", "reconstruction"),  # rows from before the GAN recipe
+                first.get("dtype", "float32"),
                 f"{first.get('batch')} × {first.get('seconds', 0):g} s",
                 step(j),
                 step(t),
@@ -849,8 +855,10 @@ def train_section(rows: list[dict], ctx: dict) -> list[str]:
             ]
         )
     return [
-        "One decoder fine-tuning step (frozen encoder, log-mel + multi-resolution STFT loss, AdamW) in "
-        "`xcodec2_jax`'s `Trainer` against the same step in PyTorch eager, in alternating rounds.",
+        "One training step in `xcodec2_jax`'s `RecipeTrainer` against the same step in PyTorch eager, in "
+        "alternating rounds: `xcodec2` is X-Codec2's whole GAN step (discriminators, then everything but "
+        "w2v-BERT; torch bfloat16 under autocast), `reconstruction` the decoder's fine-tuning step "
+        "(frozen encoder, log-mel + multi-resolution STFT loss).",
         "",
         table(header, out),
     ]
@@ -892,7 +900,7 @@ SECTIONS: dict[str, tuple[str, str, Callable[[list[dict], dict], list[str]]]] = 
         long_section,
     ),
     "results_train.jsonl": (
-        "Fine-tuning step: `bench_train.py`",
+        "Training step: `bench_train.py`",
         "python -m benchmarks.bench_train",
         train_section,
     ),

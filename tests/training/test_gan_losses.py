@@ -2,9 +2,9 @@
 lightning_module.py.
 
 The multi-resolution mel loss is torchaudio's ``MelSpectrogram(power=1, center=True, norm="slaney",
-mel_scale="slaney")`` per resolution; torchaudio does not load here, so the reference is ``torch.stft``
-(what torchaudio's ``Spectrogram`` calls) with the Slaney filters of transformers' independent
-``mel_filter_bank``, in float64.
+mel_scale="slaney")`` per resolution; torchaudio does not load here, so the reference
+(``benchmarks/torch_recipe.py``) is ``torch.stft`` (what torchaudio's ``Spectrogram`` calls) with the
+Slaney filters of transformers' independent ``mel_filter_bank``, in float64.
 """
 
 from __future__ import annotations
@@ -16,6 +16,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from benchmarks.torch_recipe import mel_loss as torch_mel_loss
+from benchmarks.torch_recipe import slaney_filters
 from xcodec2_jax.training.losses import (
     MEL_LOSS_N_MELS,
     MEL_LOSS_WINDOW_LENGTHS,
@@ -32,40 +34,9 @@ def _audio(seed, shape=(2, 8000)):
     return (0.3 * rng.standard_normal(shape)).astype(np.float32)
 
 
-def _hf_slaney(window: int, n_mels: int) -> np.ndarray:
-    from transformers.audio_utils import mel_filter_bank
-
-    return mel_filter_bank(window // 2 + 1, n_mels, 0.0, 8000.0, 16000, norm="slaney", mel_scale="slaney")
-
-
-def _torch_mel_loss(x, y):
-    """criterions/mel_loss.py's MultiResolutionMelSpectrogramLoss(sample_rate=16000) forward."""
-    import torch
-
-    loss = 0.0
-    for n_mels, window in zip(MEL_LOSS_N_MELS, MEL_LOSS_WINDOW_LENGTHS, strict=True):
-        fb = torch.from_numpy(_hf_slaney(window, n_mels)).to(x.dtype)
-
-        def log_mel(a, window=window, fb=fb):
-            spec = torch.stft(
-                a,
-                window,
-                window // 4,
-                window=torch.hann_window(window, dtype=a.dtype),
-                center=True,
-                pad_mode="reflect",
-                return_complex=True,
-            ).abs()
-            mel = torch.matmul(spec.transpose(-1, -2), fb).transpose(-1, -2)
-            return mel.clamp(1e-5).pow(1.0).log10()
-
-        loss = loss + torch.nn.functional.l1_loss(log_mel(x), log_mel(y))
-    return loss
-
-
 def test_slaney_filter_bank_matches_transformers():
     for n_mels, window in zip(MEL_LOSS_N_MELS, MEL_LOSS_WINDOW_LENGTHS, strict=True):
-        ours, ref = slaney_mel_filter_bank(16000, window, n_mels), _hf_slaney(window, n_mels)
+        ours, ref = slaney_mel_filter_bank(16000, window, n_mels), slaney_filters(window, n_mels)
         assert ours.shape == ref.shape == (window // 2 + 1, n_mels)
         assert np.abs(ours - ref).max() <= 1e-6 * ref.max()
 
@@ -79,7 +50,7 @@ def test_multi_resolution_mel_loss_matches_torch_and_gradients_agree():
     # A prediction near the target, as in training, and one far from it.
     for pred in (target + 0.1 * _audio(1), _audio(2)):
         x = torch.from_numpy(pred).double().requires_grad_()
-        ref = _torch_mel_loss(x, torch.from_numpy(target).double())
+        ref = torch_mel_loss(x, torch.from_numpy(target).double())
         ref.backward()
         loss, grad = jax.jit(jax.value_and_grad(multi_resolution_mel_loss))(jnp.asarray(pred), target)
         assert abs(float(loss) - ref.item()) <= 1e-5 * ref.item(), (float(loss), ref.item())

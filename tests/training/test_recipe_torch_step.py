@@ -1,12 +1,13 @@
 """One step of X-Codec2's GAN recipe (``RecipeTrainer``) against the same step in PyTorch.
 
-The torch step is X-Codec-2.0's ``lightning_module.py`` ``training_step`` on transformers'
-``Xcodec2Model`` sub-modules: the generator runs once; the discriminators (kan-bayashi's
-``HiFiGANMultiPeriodDiscriminator`` and X-Codec-2.0's ``SpecDiscriminator``) take an LSGAN step on the
-detached output; then the generator takes a step on 15 · mel + adversarial + feature matching, through
-the updated discriminators, + 5 · semantic MSE of ``SemanticDecoder(fc_post_s(latents))`` on the frozen
-w2v-BERT output. Both optimisers are torch's AdamW (betas (0.8, 0.9)) after ``clip_grad_norm_(1.0)``.
-The torch modules stay in eval mode (no dropout), as ours have none.
+The torch step (``benchmarks/torch_recipe.py``, which ``bench_train`` times) is X-Codec-2.0's
+``lightning_module.py`` ``training_step`` on transformers' ``Xcodec2Model`` sub-modules: the generator
+runs once; the discriminators (kan-bayashi's ``HiFiGANMultiPeriodDiscriminator`` and X-Codec-2.0's
+``SpecDiscriminator``) take an LSGAN step on the detached output; then the generator takes a step on 15
+· mel + adversarial + feature matching, through the updated discriminators, + 5 · semantic MSE of
+``SemanticDecoder(fc_post_s(latents))`` on the frozen w2v-BERT output. Both optimisers are torch's AdamW
+(betas (0.8, 0.9)) after ``clip_grad_norm_(1.0)``. The torch modules stay in eval mode (transformers'
+decoder has no dropout) and ours run without dropout (``QUICK_RECIPE``'s ``dropout=0``).
 
 Both sides start from the same weights (a tiny random checkpoint, small discriminators) and the same
 batch and features (the semantic features come from our extractor: torchaudio does not load here).
@@ -37,165 +38,34 @@ import jax
 import numpy as np
 import pytest
 from conftest import QUICK_RECIPE, TINY_CONFIG, _make_reference, load_speech
-from test_discriminators import MPD_TORCH_PARAMS, _randomise_, _torch_spec_discriminator
-from test_gan_losses import _torch_mel_loss
 
+from benchmarks.torch_recipe import ADAM_EPS, WEIGHT_DECAY, RecipeStep, heads_params, training_modules
 from xcodec2_jax import load_params
 from xcodec2_jax.inference.compilation_cache import enable_compilation_cache
 from xcodec2_jax.modeling.features import fbank_features_jax
 from xcodec2_jax.training.discriminators import (
-    MPD_PERIODS,
     params_from_torch,
 )
-from xcodec2_jax.training.recipe import Recipe, RecipeTrainer
+from xcodec2_jax.training.recipe import Recipe
+from xcodec2_jax.training.run import trainer_for
 from xcodec2_jax.utils.tree import flatten
 
 MPD_CHANNELS, SPEC_CHANNELS = QUICK_RECIPE["mpd_channels"], QUICK_RECIPE["spec_channels"]
 # Step 0 runs at the initial learning rate; 1e-3 (not the recipe's 1e-5) makes its steps large against the
 # float32 spacing of the parameters.
-RECIPE = Recipe(**QUICK_RECIPE)  # the training tests' recipe: test_train's run reuses this compiled step
+RECIPE = Recipe(**QUICK_RECIPE)  # the training tests' recipe: test_train's run reuses this traced step
+KEEP_TRACED = True  # conftest keeps the tiny step's trace and compilation for test_train (30 s less)
 SAMPLES = 8000  # 0.5 s, 25 codes
 CROPS = (16000, 12000)  # where the two crops start in the first two test clips (see the module doc)
-ADAM_EPS, WEIGHT_DECAY = 1e-8, 0.01  # the reference's AdamW: torch's eps and weight decay
 LOSS_TOL, UPDATE_TOL, GRADIENT_TOL = 1e-5, 1e-4, 1e-4
 
 
-def _torch_semantic_decoder(channels: int):
-    """X-Codec-2.0's ``vq/module.py`` ``SemanticDecoder(channels, channels, channels)``, as written there:
-    the first ReLU is in place, so the residual is ReLU(initial_conv(z))."""
-    from torch import nn
-
-    class SemanticDecoder(nn.Module):
-        def __init__(self, code_dim, output_channels, decode_channels, kernel_size=3, bias=True):
-            super().__init__()
-            pad = (kernel_size - 1) // 2
-            self.initial_conv = nn.Conv1d(code_dim, decode_channels, kernel_size, 1, pad, bias=False)
-            self.residual_blocks = nn.Sequential(
-                nn.ReLU(inplace=True),
-                nn.Conv1d(decode_channels, decode_channels, kernel_size, 1, pad, bias=bias),
-                nn.ReLU(inplace=True),
-                nn.Conv1d(decode_channels, decode_channels, kernel_size, 1, pad, bias=bias),
-            )
-            self.final_conv = nn.Conv1d(decode_channels, output_channels, kernel_size, 1, pad, bias=False)
-
-        def forward(self, z):
-            x = self.initial_conv(z)
-            x = self.residual_blocks(x) + x
-            return self.final_conv(x)
-
-    return SemanticDecoder(channels, channels, channels)
-
-
 def _torch_training_modules(config):
-    """The training-only heads (``fc_post_s``, ``SemanticDecoder``) and the discriminators (MPD, spec),
-    in torch, random: discriminator biases and weight-norm magnitudes away from their init."""
-    import torch
+    """The training-only heads and the discriminators in torch, random (narrow discriminators)."""
     from parallel_wavegan_release import hifigan_module
 
-    semantic_width = config.semantic_model_config.hidden_size
-    torch.manual_seed(0)
-    heads = (
-        torch.nn.Linear(config.quantization_dim, semantic_width),
-        _torch_semantic_decoder(semantic_width),
-    )
-    mpd_kwargs = dict(MPD_TORCH_PARAMS, channels=MPD_CHANNELS)
-    mpd = hifigan_module().HiFiGANMultiPeriodDiscriminator(list(MPD_PERIODS), mpd_kwargs)
-    spec = _torch_spec_discriminator(SPEC_CHANNELS)
-    _randomise_(mpd, seed=1)
-    _randomise_(spec, seed=2)
-    return heads, mpd, spec
-
-
-def _torch_step(model, heads, mpd, spec, audio, features, lr):
-    """X-Codec-2.0's ``training_step`` (discriminators, then generator) on torch modules, in place;
-    returns its losses."""
-    import torch
-    import torch.nn.functional as F
-
-    fc_post_s, semantic_decoder = heads
-    generator_params = [
-        p for name, p in model.named_parameters() if not name.startswith("semantic_encoder.")
-    ] + [p for m in heads for p in m.parameters()]
-    discriminator_params = [*mpd.parameters(), *spec.parameters()]
-
-    def adamw(params):
-        return torch.optim.AdamW(params, lr=lr, betas=(0.8, 0.9), eps=ADAM_EPS, weight_decay=WEIGHT_DECAY)
-
-    gen_opt, disc_opt = adamw(generator_params), adamw(discriminator_params)
-
-    def discriminate(x):
-        return mpd(x) + spec(x)
-
-    # forward
-    wav = torch.from_numpy(audio)
-    with torch.no_grad():
-        target = model.semantic_encoder(torch.from_numpy(features)).last_hidden_state.transpose(1, 2)
-    hidden = torch.cat([model.semantic_adapter(target), model.acoustic_encoder(wav.unsqueeze(1))], dim=1)
-    hidden = model.fc_encoder(hidden.transpose(1, 2))
-    latents, _ = model.quantizer(hidden)  # (B, N, quantization_dim), straight-through rounding
-    y_ = model.acoustic_decoder(latents)[..., : wav.shape[-1]]  # (B, 1, T)
-    semantic = semantic_decoder(fc_post_s(latents).transpose(1, 2))
-    semantic_loss = F.mse_loss(semantic, target)
-    y = wav.unsqueeze(1)
-
-    # discriminators
-    real, fake = discriminate(y), discriminate(y_.detach())
-    disc_loss = sum(
-        F.mse_loss(r[-1], torch.ones_like(r[-1])) + F.mse_loss(f[-1], torch.zeros_like(f[-1]))
-        for r, f in zip(real, fake, strict=True)
-    )
-    disc_opt.zero_grad()
-    disc_loss.backward()
-    torch.nn.utils.clip_grad_norm_(discriminator_params, 1.0)
-    disc_opt.step()
-
-    # generator, through the updated discriminators
-    for p in discriminator_params:
-        p.requires_grad_(False)
-    mel_loss = _torch_mel_loss(y_.squeeze(1), y.squeeze(1))
-    fake = discriminate(y_)
-    adv_loss = sum(F.mse_loss(f[-1], torch.ones_like(f[-1])) for f in fake)
-    with torch.no_grad():
-        real = discriminate(y)
-    fm_loss = sum(F.l1_loss(f[j], r[j]) for r, f in zip(real, fake, strict=True) for j in range(len(f) - 1))
-    gen_loss = 15.0 * mel_loss + adv_loss + fm_loss + 5.0 * semantic_loss
-    for p in discriminator_params:
-        p.requires_grad_(True)
-    gen_opt.zero_grad()
-    gen_loss.backward()
-    torch.nn.utils.clip_grad_norm_(generator_params, 1.0)
-    gen_opt.step()
-    losses = {
-        "loss/generator": gen_loss,
-        "loss/discriminator": disc_loss,
-        "loss/mel": mel_loss,
-        "loss/adversarial": adv_loss,
-        "loss/feature_matching": fm_loss,
-        "loss/semantic": semantic_loss,
-    }
-    return {k: float(v.item()) for k, v in losses.items()}
-
-
-def _heads_params(fc_post_s, semantic_decoder, grads: bool = False) -> dict:
-    """Our ``fc_post_s`` and ``semantic_decoder`` from the torch modules (their gradients with
-    ``grads``): Dense kernels (in, out), conv kernels (k, in, out)."""
-
-    def value(p):
-        return (p.grad if grads else p).detach().numpy().copy()
-
-    def conv(module):
-        return value(module.weight).transpose(2, 1, 0)
-
-    residual = semantic_decoder.residual_blocks
-    return {
-        "fc_post_s": {"kernel": value(fc_post_s.weight).T, "bias": value(fc_post_s.bias)},
-        "semantic_decoder": {
-            "conv1": {"kernel": conv(semantic_decoder.initial_conv)},
-            "conv2": {"kernel": conv(residual[1]), "bias": value(residual[1].bias)},
-            "conv3": {"kernel": conv(residual[3]), "bias": value(residual[3].bias)},
-            "conv4": {"kernel": conv(semantic_decoder.final_conv)},
-        },
-    }
+    mpd_class = hifigan_module().HiFiGANMultiPeriodDiscriminator
+    return training_modules(config, mpd_class, MPD_CHANNELS, SPEC_CHANNELS)
 
 
 def _torch_generator(model, heads, folder, trainable, grads: bool = False) -> dict:
@@ -210,7 +80,7 @@ def _torch_generator(model, heads, folder, trainable, grads: bool = False) -> di
                     assert p.grad is not None, name
                     p.copy_(p.grad)
     model.save_pretrained(str(folder))
-    tree = {**load_params(str(folder)), **_heads_params(*heads, grads=grads)}
+    tree = {**load_params(str(folder)), **heads_params(*heads, grads=grads)}
     return {k: tree[k] for k in trainable}
 
 
@@ -264,7 +134,7 @@ def tiny_ref(tmp_path_factory):
 @pytest.mark.filterwarnings("ignore:.*weight_norm.*:FutureWarning")  # the references' own weight norm
 def test_recipe_step_matches_torch(tiny_ref, tmp_path):
     start = time.perf_counter()
-    enable_compilation_cache()  # the compiled step is kept for test_train's runs of the same recipe
+    enable_compilation_cache()  # as train() does, so the step compiles with the same options
     speech = load_speech()
     audio = np.stack([speech[0][CROPS[0] : CROPS[0] + SAMPLES], speech[1][CROPS[1] : CROPS[1] + SAMPLES]])
     features = np.array(fbank_features_jax(audio, np.full((2,), SAMPLES, np.int32))[0])
@@ -273,12 +143,12 @@ def test_recipe_step_matches_torch(tiny_ref, tmp_path):
     heads, mpd, spec = _torch_training_modules(model.config)
 
     # Ours, from the same weights.
-    generator = {**tiny_ref.params, **_heads_params(*heads)}
+    generator = {**tiny_ref.params, **heads_params(*heads)}
     discriminators = {
         "mpd": params_from_torch(mpd.state_dict())["params"],
         "spec": params_from_torch(spec.state_dict())["params"],
     }
-    trainer = RecipeTrainer(tiny_ref.config, RECIPE, devices=jax.devices()[:1])
+    trainer = trainer_for(tiny_ref.config, RECIPE)  # the one test_train's runs use: traced once
     state, frozen = trainer.init_state(generator, discriminators)
     old = jax.device_get({"generator": state.generator, "discriminators": state.discriminator})
     state, metrics = trainer.step(state, frozen, audio)
@@ -288,7 +158,7 @@ def test_recipe_step_matches_torch(tiny_ref, tmp_path):
 
     lr = RECIPE.initial_learning_rate
     assert float(metrics["learning_rate"]) == pytest.approx(lr)
-    torch_losses = _torch_step(model, heads, mpd, spec, audio, features, lr)
+    torch_losses = RecipeStep(model, heads, mpd, spec, lr)(audio, features)
 
     def discriminator_tree(grads=False):
         def state(module):
