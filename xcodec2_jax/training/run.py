@@ -324,7 +324,7 @@ def train(
     first = crops.first_usable()
     enable_compilation_cache()
     config_, generator = starting_generator(model, config, semantic_model, seed, _say)
-    trainer = trainer_for(config_, recipe, None if devices is None else tuple(devices))
+    trainer = trainer_for(config_, recipe, devices)
     if batch_size % trainer.num_devices:
         raise ValueError(f"batch size {batch_size} is not a multiple of the {trainer.num_devices} devices")
     samples = segment_samples(config_, segment_seconds)
@@ -368,10 +368,14 @@ def train(
     return log
 
 
-@functools.lru_cache(maxsize=4)
-def trainer_for(config: Xcodec2Config, recipe: Recipe, devices: tuple | None = None) -> RecipeTrainer:
+def trainer_for(config: Xcodec2Config, recipe: Recipe, devices=None) -> RecipeTrainer:
     """One trainer per (config, recipe, devices) and process: a second run in the same process (a
     resumed one, a notebook's) reuses its traced and compiled step."""
+    return _cached_trainer(config, recipe, None if devices is None else tuple(devices))
+
+
+@functools.lru_cache(maxsize=4)
+def _cached_trainer(config: Xcodec2Config, recipe: Recipe, devices: tuple | None) -> RecipeTrainer:
     return RecipeTrainer(config, recipe, devices)
 
 
