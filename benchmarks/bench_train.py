@@ -19,7 +19,11 @@ weights, optimizer states and batch, + temporaries + outputs − donated); torch
 alive at once during a step (``measure``'s dispatch-mode tracker, backward included) plus the
 weights, gradients and optimizer states the step touches.
 
-    python -m benchmarks.bench_train                       # full config, xcodec2 recipe, 4 x 2 s, 3 rounds
+Both frameworks hold the full model, their optimiser states and a step's temporaries in one process:
+at 4 x 2 s that passes 24 GiB (XLA plans 13.9 GB for our float32 step alone), so the default batch is
+1 x 2 s, which peaks at about 22 GB of RSS.
+
+    python -m benchmarks.bench_train                       # full config, xcodec2 recipe, 1 x 2 s, 3 rounds
     python -m benchmarks.bench_train --dtype bfloat16
     python -m benchmarks.bench_train --recipe reconstruction
     python -m benchmarks.bench_train --config tiny --rounds 1
@@ -53,7 +57,7 @@ def parse_args(argv=None):
     p.add_argument("--config", choices=("full", "tiny"), default="full")
     p.add_argument("--recipe", choices=("xcodec2", "reconstruction"), default="xcodec2")
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
-    p.add_argument("--batch", type=int, default=4)
+    p.add_argument("--batch", type=int, default=1, help="items of --seconds (default 1: see the docstring)")
     p.add_argument("--seconds", type=float, default=2.0)
     p.add_argument("--rounds", type=int, default=3, help="timed rounds (each runs both steps once)")
     p.add_argument("--out", default=OUT)
