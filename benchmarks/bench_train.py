@@ -12,6 +12,9 @@ applies dropout (transformers' decoder has none). ``--dtype bfloat16`` runs ours
 ``--recipe reconstruction`` is the decoder's fine-tuning step (frozen encoder, log-mel + multi-resolution
 STFT loss); its torch side computes features with our numpy extractor and the mel loss with
 ``torch.stft`` and transformers' mel filter bank, as ``tests/training/test_losses.py`` checks ours against.
+Its codes come from inference's ``encode`` (the extractor's padding), ours from the training forward
+(the crop itself, features of the crop padded by half a hop), so the first losses differ slightly
+(3.5e-4 relative on the tiny config).
 
 The two are warmed up (JAX: compiled ahead of time, compile time reported), then timed in
 alternating rounds. Memory: JAX, XLA's buffer assignment of the compiled step (arguments, i.e. the

@@ -203,6 +203,9 @@ def test_recipe_and_run_settings_are_checked(tmp_path, capsys):
     with pytest.raises(ValueError, match="no such part"):
         split_params({"acoustic_decoder": {}}, ("decoder",))
     assert Recipe("reconstruction").trainable == ("acoustic_decoder",)
+    # finetune's loss is log-mel + multi-resolution STFT, 1:1; X-Codec2's mel weight is 15.
+    assert (Recipe("reconstruction").mel_weight, Recipe("reconstruction").stft_weight) == (1.0, 1.0)
+    assert Recipe().mel_weight == 15.0 and Recipe(mel_weight=45).mel_weight == 45
     assert "fc_post_s" in Recipe().trainable and "semantic_encoder" not in Recipe().trainable
     # X-Codec-2.0's WarmupLR: 1e-5 at step 0, quadratic to 1e-4 at 3000, linear to 2e-5 at 403000.
     lr = learning_rate_schedule(Recipe())

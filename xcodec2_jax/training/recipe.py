@@ -18,7 +18,7 @@ the masks of step k come from ``fold_in(state.rng, k)``, so a resumed run draws 
 JAX's partitionable PRNG makes them independent of how the batch is split over devices.
 
 The ``reconstruction`` recipe drops the discriminators and the semantic loss and trains on
-``mel_loss + multi_resolution_stft_loss`` (Vocos' log-mel and auraloss' defaults).
+``mel_loss + multi_resolution_stft_loss`` (Vocos' log-mel and auraloss' defaults, weights 1 and 1).
 
 Parallelism: one ``"data"`` mesh axis over every device of every process; the batch is split along
 it and the parameters and optimiser states are replicated (XLA all-reduces the gradients). The
@@ -92,7 +92,7 @@ class Recipe:
     betas: tuple[float, float] = (0.8, 0.9)
     weight_decay: float = 0.01
     clip_norm: float = 1.0
-    mel_weight: float = 15.0
+    mel_weight: float | None = None  # 15 for xcodec2 (X-Codec-2.0's), 1 for reconstruction (Vocos' L1)
     adversarial_weight: float = 1.0
     feature_matching_weight: float = 1.0
     semantic_weight: float = 5.0
@@ -126,6 +126,8 @@ class Recipe:
         frozen_named = [name for name in trainable if name in FROZEN_ALWAYS]
         if frozen_named:
             raise ValueError(f"{frozen_named} is the frozen semantic encoder (w2v-BERT): it does not train")
+        if self.mel_weight is None:
+            object.__setattr__(self, "mel_weight", 15.0 if self.name == "xcodec2" else 1.0)
         object.__setattr__(self, "trainable", trainable)
         object.__setattr__(self, "betas", tuple(float(b) for b in self.betas))
 
