@@ -281,10 +281,10 @@ def test_two_hosts_of_two_devices_train_as_one_device(finetune_run, tmp_path):
     losses, reference = _losses(tmp_path / "hosts", "loss/"), _losses(one, "loss/")
     assert len(reference) == FINETUNE_STEPS and (reference[0] != reference[-1]).any()
     np.testing.assert_allclose(losses, reference, rtol=1e-5)
-    # The global gradient norm sums the devices' partial sums in another order: 2e-5 measured.
-    np.testing.assert_allclose(
-        _losses(tmp_path / "hosts", "grad_norm/"), _losses(one, "grad_norm/"), rtol=1e-4
-    )
+    # The first step's gradient norm (same parameters on both) sums the devices' partial sums in another
+    # order; later steps' parameters part where Adam's lr · sign(g) flips on near-zero gradients.
+    norms = _losses(tmp_path / "hosts", "grad_norm/")[0], _losses(one, "grad_norm/")[0]
+    np.testing.assert_allclose(*norms, rtol=1e-5)
     assert sorted(os.listdir(tmp_path / "hosts" / "checkpoints")) == ["4", "6"]
     # The model the hosts saved: each tensor within this run's few updates of the one-device model's.
     hosts_params, one_params = flatten(load_params(str(tmp_path / "hosts"))), flatten(load_params(str(one)))
