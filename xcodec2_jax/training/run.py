@@ -339,9 +339,6 @@ def train(
         seed=seed,
         items=len(items),
     )
-    discriminators = (
-        trainer.discriminators.init(jax.random.key(seed + 2), samples) if recipe.adversarial else {}
-    )
     checkpoints = StateCheckpoints(os.path.join(output, CHECKPOINTS_DIR))
     start = checkpoints.latest_step() or 0
     try:
@@ -349,6 +346,10 @@ def train(
     except ValueError:
         checkpoints.close()
         raise
+    # A resumed run restores the discriminators: their shapes are enough.
+    init = functools.partial(trainer.discriminators.init, samples=samples)
+    key = jax.random.key(seed + 2)
+    discriminators = {} if not recipe.adversarial else jax.eval_shape(init, key) if start else init(key)
     if start:
         state = checkpoints.restore(trainer.abstract_state(generator, discriminators), start)
         frozen = trainer.frozen(generator)
