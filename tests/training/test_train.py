@@ -176,6 +176,25 @@ def test_rerun_with_another_recipe_is_refused(uninterrupted, data_dir, tiny_ref,
     assert "other settings" in capsys.readouterr().err
 
 
+@pytest.mark.slow
+def test_finished_gan_run_extends_from_its_checkpoint(uninterrupted, data_dir, tiny_ref, tmp_path):
+    """The GAN recipe's resume (generator, discriminators and both optimiser states restored): a
+    finished run given more steps continues from its last checkpoint and keeps its log."""
+    import shutil
+
+    from xcodec2_jax.training.run import train
+
+    out = tmp_path / "extended"
+    shutil.copytree(uninterrupted[0], out)
+    log = train(
+        str(data_dir), str(out), recipe=_recipe(), model=tiny_ref.path, steps=STEPS + 1, batch_size=2,
+        segment_seconds=0.5, save_every=SAVE_EVERY, progress=False, tensorboard=False,
+    )  # fmt: skip
+    assert log[:STEPS] == uninterrupted[1] and [e["step"] for e in log] == list(range(1, STEPS + 2))
+    assert np.isfinite(log[-1]["loss/discriminator"]) and log[-1]["loss/discriminator"] > 0
+    assert sorted(os.listdir(out / "checkpoints"))[-1] == str(STEPS + 1)
+
+
 def test_no_usable_audio_is_one_clear_error(tmp_path, capsys, tiny_ref):
     empty = tmp_path / "empty"
     empty.mkdir()
