@@ -411,7 +411,7 @@ def main(argv=None) -> int:
 
     env = measure.environment(os.cpu_count())
     env["device"]["omp_wait_policy"] = os.environ.get("OMP_WAIT_POLICY", "default")
-    run_id = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    run_id = measure.run_id()
     start = time.perf_counter()
     rows: list[dict] = []
     with tempfile.TemporaryDirectory(prefix="xcodec2_bench_cli_") as work:
@@ -441,10 +441,10 @@ def main(argv=None) -> int:
             "git": measure.git_state(),
         }
         if not args.skip_cli:
-            load_start = measure._loadavg()
+            load_start = measure.loadavg()
             part = process_rows(run_processes(args, checkpoint, wav, work))
             for row in part:
-                row.update(loadavg_start=load_start, loadavg_end=measure._loadavg())
+                row.update(loadavg_start=load_start, loadavg_end=measure.loadavg())
             rows += part
         if not args.skip_codec:
             warm = os.path.join(work, "cache_warm")

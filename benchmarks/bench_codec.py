@@ -272,7 +272,7 @@ def main(argv=None) -> int:
     env = measure.environment(threads)
     env["device"]["omp_wait_policy"] = omp_policy
     env["device"].update(measure.matmul_peak())
-    run_id = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    run_id = measure.run_id()
     log(
         args,
         f"{env['device']['cpu_model']} ({env['device']['usable_cpus']} CPUs), jax "

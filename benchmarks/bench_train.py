@@ -35,7 +35,6 @@ at 4 x 2 s that passes 24 GiB (XLA plans 13.9 GB for our float32 step alone), so
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
 import platform
@@ -203,7 +202,7 @@ def main(argv=None) -> int:
     torch_losses = [torch_step()]  # creates the optimizer states and gradients
     torch_first = time.perf_counter() - start
     external = [*model.parameters(), *_optimizer_tensors(optimizers)]
-    tracker = measure._tensor_memory_tracker_cls()(external)
+    tracker = measure.tensor_memory_tracker_cls()(external)
     with tracker:
         torch_losses.append(torch_step())
     torch_peak = (tracker.used_external_bytes + tracker.peak) / measure.MB
@@ -211,16 +210,16 @@ def main(argv=None) -> int:
 
     times = {"jax": [], "torch": []}
     calls = {"jax": jax_step, "torch": torch_step}
-    load_start = measure._loadavg()
+    load_start = measure.loadavg()
     for r in range(args.rounds):
         for name in ("jax", "torch") if r % 2 == 0 else ("torch", "jax"):
             start = time.perf_counter()
             (jax_losses if name == "jax" else torch_losses).append(calls[name]())
             times[name].append(time.perf_counter() - start)
-    load_end = measure._loadavg()
+    load_end = measure.loadavg()
 
     base = dict(
-        run_id=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        run_id=measure.run_id(),
         git=measure.git_state(),
         command="python -m benchmarks.bench_train " + " ".join(argv if argv is not None else sys.argv[1:]),
         config=args.config,

@@ -15,6 +15,7 @@ drift slows both alike and their ratio holds.
 
 from __future__ import annotations
 
+import datetime
 import os
 import platform
 import statistics
@@ -31,7 +32,8 @@ import numpy as np
 MB = float(1 << 20)
 
 
-def _loadavg() -> float | None:
+def loadavg() -> float | None:
+    """The 1-minute load average (None where the OS has none): rows record it to show a busy machine."""
     try:
         return round(os.getloadavg()[0], 2)
     except OSError:
@@ -52,14 +54,14 @@ def time_interleaved(measurements: list[dict], reps: int, max_rep_seconds: float
     and removes ``call``."""
     calls = [m.pop("call") for m in measurements]
     times: list[list[float]] = [[] for _ in calls]
-    load_start = _loadavg()
+    load_start = loadavg()
     for r in range(max(1, reps)):
         for i in range(len(calls)):
             j = (r + i) % len(calls)
             times[j].append(_time_call(calls[j]))
         if max_rep_seconds and max(sum(t) for t in times) >= max_rep_seconds:
             break
-    load_end = _loadavg()
+    load_end = loadavg()
     for m, t in zip(measurements, times, strict=True):
         m.update(
             times_s=[round(x, 6) for x in t],
@@ -128,7 +130,10 @@ def measure_jax(fn: Callable, args: tuple) -> dict:
     }
 
 
-def _tensor_memory_tracker_cls():
+def tensor_memory_tracker_cls():
+    """The class of ``TensorMemoryTracker`` (below), built on first use so that importing this module needs
+    no torch. It is the one place that uses torch's private ``_python_dispatch`` and ``_pytree``; a test
+    checks it still counts a known allocation."""
     import torch
     from torch.utils._python_dispatch import TorchDispatchMode
     from torch.utils._pytree import tree_flatten
@@ -203,7 +208,7 @@ def measure_torch(
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
-    tracker_cls = _tensor_memory_tracker_cls()
+    tracker_cls = tensor_memory_tracker_cls()
     external = list(external_tensors or [])
     compile_s = None
     with torch.inference_mode():
@@ -346,3 +351,8 @@ def git_state() -> str | None:
     except (OSError, subprocess.CalledProcessError):
         return None
     return rev + ("+dirty" if dirty else "")
+
+
+def run_id() -> str:
+    """A run's id: its start in UTC to the second (what report.py groups rows by and dates them with)."""
+    return datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")

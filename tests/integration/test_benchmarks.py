@@ -92,6 +92,22 @@ def test_report_generates_results_md(results, tmp_path):
     assert report.main(args) == 0 and out.read_text() == text
 
 
+def test_torch_memory_tracker_counts_what_ops_create():
+    """Fails loudly if torch's private dispatch-mode API, which the tracker wraps, changes."""
+    import torch
+
+    from benchmarks import measure
+
+    weights = torch.ones(1000)
+    tracker = measure.tensor_memory_tracker_cls()([weights])
+    with tracker:
+        doubled = weights * 2  # 4,000 bytes created by an op
+        summed = (doubled + 1).sum()
+    assert tracker.peak >= 8000 and tracker.peak < 8100, tracker.peak
+    assert tracker.used_external_bytes == 4000
+    del doubled, summed
+
+
 def test_time_interleaved_alternates_and_stops():
     from benchmarks import measure
 
