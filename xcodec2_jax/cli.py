@@ -445,14 +445,34 @@ def add_tokenize_parser(sub, common, func) -> None:
         "tokenize",
         parents=[common],
         help="a corpus -> Parquet shards of codes, on every device and host, resumable",
-        description="Tokenize audio files, manifests (.txt, .jsonl) or Parquet files (datasets layout) into "
-        "OUT/data/train-*.parquet (id, codes, num_codes, duration), OUT/errors.jsonl and OUT/manifest.json. "
-        "Run the same command again to finish an interrupted job. Exit code 2 when any item failed.",
+        description="Tokenize audio files, manifests (.txt, .jsonl), Parquet files (datasets layout) or "
+        "WebDataset tar shards, local or at URLs (s3://, gs://, hf://, https://; globs allowed), into "
+        "OUT/data/train-*.parquet (id, codes, num_codes, duration, num_samples and the sources' metadata), "
+        "OUT/errors.jsonl and OUT/manifest.json; OUT may be a URL too. Run the same command again to finish "
+        "an interrupted job. Exit code 2 when any item failed.",
     )
     p.add_argument(
-        "inputs", nargs="+", metavar="SRC", help="directories, .txt/.jsonl manifests, .parquet files"
+        "inputs",
+        nargs="+",
+        metavar="SRC",
+        help="directories, .txt/.jsonl manifests, .parquet files, .tar/.tar.gz shards (paths or URLs)",
     )
-    p.add_argument("-o", "--output", required=True, metavar="OUT")
+    p.add_argument("-o", "--output", required=True, metavar="OUT", help="output folder (a path or URL)")
+    p.add_argument(
+        "--columns",
+        type=_column_list,
+        default=None,
+        metavar="A,B",
+        help="metadata fields to carry into the output (default: all; '' for none)",
+    )
+    p.add_argument(
+        "--storage-options",
+        type=_json_object,
+        default=None,
+        metavar="JSON",
+        help='options of the URLs\' filesystems, e.g. \'{"endpoint_url": "http://host:9000"}\' '
+        "(default: each filesystem's standard configuration: AWS_* variables, Google credentials)",
+    )
     p.add_argument("--shard-size", type=int, default=1000, help="items per output shard (default 1000)")
     p.add_argument(
         "--num-workers", type=int, default=None, help="host threads reading audio (default: cores)"
@@ -496,10 +516,26 @@ def run_tokenize(args) -> int:
         compilation_cache=False if args.no_cache else args.cache_dir,
         max_window_seconds=args.max_window_seconds,
         context_seconds=args.context_seconds,
+        storage_options=args.storage_options,
+        columns=args.columns,
     )
     if result["run"]["process_id"] == 0:
         print(summary_line(result, args.output), file=sys.stderr)
     return result["num_errors"]
+
+
+def _column_list(text: str) -> list[str]:
+    return [c.strip() for c in text.split(",") if c.strip()]
+
+
+def _json_object(text: str) -> dict:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise argparse.ArgumentTypeError(f"not JSON: {e}") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError("expected a JSON object")
+    return value
 
 
 def summary_line(result: dict, out: str) -> str:

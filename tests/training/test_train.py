@@ -199,7 +199,7 @@ def test_no_usable_audio_is_one_clear_error(tmp_path, capsys, tiny_ref):
     empty = tmp_path / "empty"
     empty.mkdir()
     assert main(["train", str(empty), "-o", str(tmp_path / "o"), "--model", tiny_ref.path]) == 2
-    assert "no Parquet files and no files ending in" in capsys.readouterr().err
+    assert "no Parquet files, no tar shards and no files ending in" in capsys.readouterr().err
 
     (empty / "bad.flac").write_bytes(b"\0" * 100)
     assert main(["finetune", str(empty), "-o", str(tmp_path / "o"), "--model", tiny_ref.path]) == 2

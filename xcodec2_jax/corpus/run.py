@@ -29,10 +29,11 @@ from ..inference.hub import DEFAULT_MODEL_ID
 from ..utils import validation
 from ..utils.compat import jax_distributed
 from ..utils.dtypes import compute_dtype
-from ..utils.files import is_temporary
 from ..utils.progress import progress_bar
+from ..utils.storage import Location, StorageError
 from ..utils.version import __version__
-from .shards import Plan, check_job, ids_digest, shard_stats, write_shard, write_summary
+from . import columns as metadata
+from .shards import DATA_DIR, ERRORS_DIR, Plan, check_job, ids_digest, shard_stats, write_shard, write_summary
 from .sources import Item, list_items, read_item
 
 # Items of a shard are length-sorted into batches within windows of this many batches: a larger
@@ -175,6 +176,8 @@ def _prepare(codec, max_window_seconds, context_seconds):
                 }
                 for w in pieces
             ]
+        except StorageError:
+            raise  # not this item's fault: every later one would fail alike, so the job stops
         except ValueError as e:
             return {"error": str(e)}
         except Exception as e:  # an unforeseen decoder failure is still one bad item, not a dead job
@@ -184,7 +187,7 @@ def _prepare(codec, max_window_seconds, context_seconds):
     return prepare
 
 
-# long: 17 documented options; the body is the job's outline, its steps are functions below
+# long: 19 documented options; the body is the job's outline, its steps are functions below
 def tokenize(
     sources: str | os.PathLike | Sequence[str | os.PathLike],
     out: str | os.PathLike,
@@ -205,11 +208,17 @@ def tokenize(
     progress: bool = True,
     max_window_seconds: float | None = None,
     context_seconds: float | None = None,
+    storage_options: dict | None = None,
+    columns: Sequence[str] | None = None,
 ) -> dict:
     """Tokenize a corpus into Parquet shards of codes under ``out``; see README "Tokenizing a corpus".
 
-    ``sources``: directories (audio files, recursively, or Parquet files in the datasets layout),
-    ``.txt`` / ``.jsonl`` manifests, or ``.parquet`` files. Runs on all local devices; on several hosts
+    ``sources``: local paths or URLs (``s3://``, ``gs://``, ``hf://`` ..., globs allowed) of directories
+    (audio files, recursively, Parquet files in the datasets layout, or WebDataset tar shards),
+    ``.txt`` / ``.jsonl`` manifests, ``.parquet`` files or tar shards; ``out`` a local folder or URL;
+    ``storage_options``: options of their filesystems (credentials, endpoint) beside the standard
+    configuration. ``columns``: the sources' metadata fields to carry into the output (None: all;
+    ``[]``: none). Runs on all local devices; on several hosts
     give ``coordinator_address``, ``num_processes``, ``process_id`` (or ``distributed=True`` to let
     ``jax.distributed.initialize`` detect a TPU pod, Slurm or Open MPI). Running it again finishes an
     interrupted job. Returns the manifest (as written to ``out/manifest.json``) plus this process's
@@ -225,9 +234,10 @@ def tokenize(
     validation.positive_int(batch_size, "batch_size")
     init_distributed(coordinator_address, num_processes, process_id, distributed)
     pid, nproc = jax.process_index(), jax.process_count()
-    out = os.path.abspath(os.fspath(out))
+    out = Location(out, storage_options)
     model = os.fspath(model or DEFAULT_MODEL_ID)
-    items = list_items(sources)
+    items = list_items(sources, storage_options)
+    types = metadata.plan([it.meta for it in items], columns)
     codec = _load(model, dtype, precision, batch_size, revision, cache_dir, compilation_cache)
     # Bad window settings fail here, once, not once per item.
     batching.plan_pieces([1], codec.hop_length, max_window_seconds, context_seconds)
@@ -242,11 +252,13 @@ def tokenize(
         "num_listed": len(items),
         "ids_sha256": ids_digest([it.id for it in items]),
     }
+    if types:  # absent without metadata, as in the outputs of earlier versions
+        job["columns"] = types
     plan = Plan(out, len(items), shard_size)
     check_job(out, job, create=pid == 0)
     mine = plan.mine(pid, nproc)
     _remove_leftovers(plan, mine)
-    run = _ShardRunner(codec, items, batch_size, max_window_seconds, context_seconds)
+    run = _ShardRunner(codec, items, batch_size, max_window_seconds, context_seconds, types)
     stats = run.shards(plan, mine, num_workers, progress and pid == 0)
     stats["process_id"] = pid
     if nproc > 1:
@@ -265,19 +277,15 @@ def tokenize(
 def _remove_leftovers(plan: Plan, mine: list[int]) -> None:
     """Temporary files of a killed run's shards that this process redoes."""
     for k in mine:
-        for target in (plan.parquet(k), plan.errors(k)):
-            folder = os.path.dirname(target)
-            if os.path.isdir(folder):
-                for name in os.listdir(folder):
-                    if is_temporary(name, os.path.basename(target)):
-                        os.unlink(os.path.join(folder, name))
+        plan.out.child(DATA_DIR).remove_temporary(plan.name(k) + ".parquet")
+        plan.out.child(ERRORS_DIR).remove_temporary(plan.name(k) + ".jsonl")
 
 
 class _ShardRunner:
     """Runs this process's shards: items prepared on host threads, encoded in bucketed batches."""
 
-    def __init__(self, codec, items: list[Item], batch_size: int, max_window_seconds, context_seconds):
-        self.codec, self.items, self.batch_size = codec, items, batch_size
+    def __init__(self, codec, items: list[Item], batch_size: int, max_window_seconds, context_seconds, types):
+        self.codec, self.items, self.batch_size, self.types = codec, items, batch_size, types
         self.encoder = _Encoder(codec, batch_size)
         self.prepare = _prepare(codec, max_window_seconds, context_seconds)
         self.window = WINDOW_BATCHES * batch_size
@@ -294,7 +302,7 @@ class _ShardRunner:
         self.start = time.perf_counter()
         for k in mine:
             rows, errors = self.shard(plan.shards[k])
-            write_shard(plan, k, [rows[i] for i in sorted(rows)], errors)
+            write_shard(plan, k, [rows[i] for i in sorted(rows)], errors, self.types)
             self.stats["items"] += len(rows)
             self.stats["errors"] += len(errors)
         if self.bar is not None:
@@ -343,6 +351,7 @@ class _ShardRunner:
                 "codes": np.zeros(prepared["num_codes"], np.int32),
                 "num_samples": prepared["num_samples"],
                 "duration": duration,
+                "meta": item.meta,
             }
             self.stats["audio_seconds"] += duration
             ready += [((index, part["offset"], part["keep"]), part) for part in prepared["parts"]]

@@ -4,25 +4,26 @@ Items are cut, in listing order, into shards of ``shard_size``; shard k goes to 
 ``k % num_processes``. The assignment depends only on the item list and the shard size, so a rerun
 (with any number of processes) redoes exactly the shards that are missing. Shard k's rows go to
 ``data/train-KKKKK-of-NNNNN.parquet`` and its failed items to ``.errors/train-KKKKK-of-NNNNN.jsonl``,
-each written under a temporary name and renamed into place, the errors file last: it is the mark of
-a complete shard. (A shard whose items all failed has no Parquet file: datasets cannot read an empty
-one.)
+each written whole (locally under a temporary name renamed into place; on an object store as one
+upload), the errors file last: it is the mark of a complete shard. (A shard whose items all failed
+has no Parquet file: datasets cannot read an empty one.)
 
 ``job.json``, written when the folder is first used, pins the model, config, compute settings, shard
-size and the digest of the item ids: a rerun that would mix different codes or shift the shards is
-refused. ``manifest.json`` and ``errors.jsonl`` are rebuilt from the shards by process 0 at the end.
+size, metadata columns and the digest of the item ids: a rerun that would mix different codes or
+shift the shards is refused. ``manifest.json`` and ``errors.jsonl`` are rebuilt from the shards by
+process 0 at the end.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import os
 from collections.abc import Sequence
 
 import numpy as np
 
-from ..utils.files import atomic_write, atomic_write_json
+from ..utils.storage import Location
+from . import columns
 
 DATA_DIR = "data"
 ERRORS_DIR = ".errors"
@@ -31,7 +32,8 @@ MANIFEST_FILE = "manifest.json"
 ERRORS_FILE = "errors.jsonl"
 
 
-def schema():
+def schema(types: dict[str, str] | None = None):
+    """The output's Arrow schema: id and codes, then the carried metadata columns ``types``."""
     import pyarrow as pa
 
     return pa.schema(
@@ -41,14 +43,15 @@ def schema():
             ("num_codes", pa.int32()),
             ("duration", pa.float64()),
             ("num_samples", pa.int64()),
+            *columns.schema_fields(types or {}),
         ]
     )
 
 
 class Plan:
-    """Shards of a job: ``shards[k]`` is the list of item indices of shard k."""
+    """Shards of a job under ``out``: ``shards[k]`` is the list of item indices of shard k."""
 
-    def __init__(self, out: str, num_items: int, shard_size: int):
+    def __init__(self, out: Location, num_items: int, shard_size: int):
         if not isinstance(shard_size, int) or shard_size < 1:
             raise ValueError(f"shard_size must be a positive integer, got {shard_size!r}")
         self.out = out
@@ -60,18 +63,26 @@ class Plan:
     def name(self, k: int) -> str:
         return f"train-{k:05d}-of-{len(self.shards):05d}"
 
-    def parquet(self, k: int) -> str:
-        return os.path.join(self.out, DATA_DIR, self.name(k) + ".parquet")
+    def parquet(self, k: int) -> Location:
+        return self.out.child(DATA_DIR, self.name(k) + ".parquet")
 
-    def errors(self, k: int) -> str:
-        return os.path.join(self.out, ERRORS_DIR, self.name(k) + ".jsonl")
+    def errors(self, k: int) -> Location:
+        return self.out.child(ERRORS_DIR, self.name(k) + ".jsonl")
 
-    def is_complete(self, k: int) -> bool:
-        return os.path.isfile(self.errors(k))
+    def complete(self) -> list[int]:
+        """The complete shards (one listing of the errors folder, not a request per shard)."""
+        names = set(self.out.child(ERRORS_DIR).names())
+        return [k for k in range(len(self.shards)) if self.name(k) + ".jsonl" in names]
+
+    def written(self) -> set[int]:
+        """The shards with a Parquet file (complete or not)."""
+        names = set(self.out.child(DATA_DIR).names())
+        return {k for k in range(len(self.shards)) if self.name(k) + ".parquet" in names}
 
     def mine(self, process_id: int, num_processes: int) -> list[int]:
         """This process's shards that are not complete yet."""
-        return [k for k in range(process_id, len(self.shards), num_processes) if not self.is_complete(k)]
+        done = set(self.complete())
+        return [k for k in range(process_id, len(self.shards), num_processes) if k not in done]
 
 
 def ids_digest(ids: Sequence[str]) -> str:
@@ -81,12 +92,11 @@ def ids_digest(ids: Sequence[str]) -> str:
     return digest.hexdigest()
 
 
-def check_job(out: str, job: dict, create: bool) -> None:
+def check_job(out: Location, job: dict, create: bool) -> None:
     """Refuse an OUT made by another job (model, config, settings, items); write ``job.json`` if new."""
-    path = os.path.join(out, JOB_FILE)
-    if os.path.isfile(path):
-        with open(path, encoding="utf-8") as f:
-            old = json.load(f)
+    path = out.child(JOB_FILE)
+    if path.is_file():
+        old = json.loads(path.read_bytes())
         changed = [k for k in sorted(set(old) | set(job)) if old.get(k) != job.get(k)]
         if changed:
             details = "; ".join(f"{k}: {_short(old.get(k))} there, {_short(job.get(k))} now" for k in changed)
@@ -97,11 +107,15 @@ def check_job(out: str, job: dict, create: bool) -> None:
         return
     if not create:
         return
-    if os.path.isdir(os.path.join(out, DATA_DIR)) and os.listdir(os.path.join(out, DATA_DIR)):
+    if out.child(DATA_DIR).names():
         raise ValueError(
             f"{out}/{DATA_DIR} holds files but {out} has no {JOB_FILE}: not an output folder of ours"
         )
-    atomic_write_json(path, job)
+    path.write_bytes(_json(job))
+
+
+def _json(data) -> bytes:
+    return (json.dumps(data, indent=2, sort_keys=True) + "\n").encode()
 
 
 def _short(value) -> str:
@@ -109,8 +123,10 @@ def _short(value) -> str:
     return text if len(text) <= 80 else text[:77] + "..."
 
 
-def write_shard(plan: Plan, k: int, rows: list[dict], errors: list[dict]) -> None:
-    """Shard k's rows (in item order) and failed items; complete once the errors file is renamed."""
+def write_shard(plan: Plan, k: int, rows: list[dict], errors: list[dict], types: dict[str, str]) -> None:
+    """Shard k's rows (in item order, each with its ``meta``) and failed items. The errors file is
+    written last and marks the shard complete: on an object store, where nothing is renamed, each
+    file is one upload that appears whole or not at all, so a shard is never counted half-written."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -121,14 +137,15 @@ def write_shard(plan: Plan, k: int, rows: list[dict], errors: list[dict]) -> Non
             "num_codes": pa.array([len(r["codes"]) for r in rows], pa.int32()),
             "duration": pa.array([r["duration"] for r in rows], pa.float64()),
             "num_samples": pa.array([r["num_samples"] for r in rows], pa.int64()),
+            **columns.arrays([r.get("meta") for r in rows], types),
         },
-        schema=schema(),
+        schema=schema(types),
     )
     if rows:
-        atomic_write(plan.parquet(k), lambda f: pq.write_table(table, f))
-    elif os.path.exists(plan.parquet(k)):
-        os.unlink(plan.parquet(k))
-    atomic_write(plan.errors(k), lambda f: f.write("".join(json.dumps(e) + "\n" for e in errors).encode()))
+        plan.parquet(k).write_with(lambda f: pq.write_table(table, f))
+    elif k in plan.written():
+        plan.parquet(k).remove()
+    plan.errors(k).write_bytes("".join(json.dumps(e) + "\n" for e in errors).encode())
 
 
 def shard_stats(plan: Plan) -> tuple[int, float, list[dict]]:
@@ -136,26 +153,23 @@ def shard_stats(plan: Plan) -> tuple[int, float, list[dict]]:
     import pyarrow.parquet as pq
 
     num, seconds, errors = 0, 0.0, []
-    for k in range(len(plan.shards)):
-        if not plan.is_complete(k):
-            continue
-        if os.path.isfile(plan.parquet(k)):
-            table = pq.read_table(plan.parquet(k), columns=["duration"])
+    written = plan.written()
+    for k in plan.complete():
+        if k in written:
+            with plan.parquet(k).open("rb") as f:
+                table = pq.read_table(f, columns=["duration"])
             num += table.num_rows
             seconds += float(np.sum(table["duration"].to_numpy()))
-        with open(plan.errors(k), encoding="utf-8") as f:
-            errors += [json.loads(line) for line in f if line.strip()]
+        lines = plan.errors(k).read_bytes().decode("utf-8").splitlines()
+        errors += [json.loads(line) for line in lines if line.strip()]
     return num, seconds, errors
 
 
 def write_summary(plan: Plan, job: dict, extra: dict) -> dict:
-    """``errors.jsonl`` and ``manifest.json`` from the shards on disk; returns the manifest."""
+    """``errors.jsonl`` and ``manifest.json`` from the shards written; returns the manifest."""
     num, seconds, errors = shard_stats(plan)
-    atomic_write(
-        os.path.join(plan.out, ERRORS_FILE),
-        lambda f: f.write("".join(json.dumps(e) + "\n" for e in errors).encode()),
-    )
-    complete = sum(plan.is_complete(k) for k in range(len(plan.shards)))
+    plan.out.child(ERRORS_FILE).write_bytes("".join(json.dumps(e) + "\n" for e in errors).encode())
+    written = plan.written()
     manifest = {
         **job,
         **extra,
@@ -163,12 +177,8 @@ def write_summary(plan: Plan, job: dict, extra: dict) -> dict:
         "num_errors": len(errors),
         "audio_seconds": seconds,
         "num_shards": len(plan.shards),
-        "complete_shards": complete,
-        "shards": [
-            os.path.join(DATA_DIR, plan.name(k) + ".parquet")
-            for k in range(len(plan.shards))
-            if os.path.isfile(plan.parquet(k))
-        ],
+        "complete_shards": len(plan.complete()),
+        "shards": [f"{DATA_DIR}/{plan.name(k)}.parquet" for k in range(len(plan.shards)) if k in written],
     }
-    atomic_write_json(os.path.join(plan.out, MANIFEST_FILE), manifest)
+    plan.out.child(MANIFEST_FILE).write_bytes(_json(manifest))
     return manifest

@@ -22,6 +22,7 @@ from collections.abc import Callable, Iterator, Sequence
 import numpy as np
 
 from ..corpus.sources import Item, read_item
+from ..utils.storage import StorageError
 
 
 class NoUsableAudio(ValueError):
@@ -57,6 +58,8 @@ class Crops:
     def _read_uncached(self, index: int) -> np.ndarray | str:
         try:
             return read_item(self.items[index])
+        except StorageError:
+            raise  # the store, not the item: a run stops rather than skip every item after it
         except ValueError as e:
             return " ".join(str(e).split())
 

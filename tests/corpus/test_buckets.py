@@ -1,0 +1,191 @@
+"""``tokenize`` from and to buckets: WebDataset shards on an S3 server and a GCS emulator started on
+127.0.0.1 (``object_stores``), read and written through the real ``s3fs`` / ``gcsfs`` clients.
+
+The shards are test_corpora.py's (MP3/FLAC with JSON and text, a corrupt member, a sample without
+audio, a shard cut short); every good item must come out once, with the codes of
+``Xcodec2Codec.encode`` of it alone and its JSON ``text`` beside them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+
+import numpy as np
+import pytest
+from object_stores import gcs_server, s3_server  # noqa: F401
+from test_corpora import expected, shards  # noqa: F401
+from test_tokenize import REPO, _env, _free_port
+
+from xcodec2_jax import tokenize
+from xcodec2_jax.utils.storage import filesystem
+
+pytestmark = pytest.mark.subprocess
+
+
+def upload(server, root) -> tuple[str, object]:
+    """The shards in a new bucket of ``server``: (bucket name, fsspec filesystem)."""
+    bucket = f"corpus-{uuid.uuid4().hex[:8]}"
+    server.make_bucket(bucket)
+    fs, _ = filesystem(f"{server.scheme}://{bucket}", server.storage_options)
+    for name in sorted(os.listdir(root)):
+        fs.put_file(str(root / name), f"{bucket}/shards/{name}")
+    return bucket, fs
+
+
+def read_bucket_output(fs, out: str) -> tuple[dict, dict, dict]:
+    """({id: codes}, {id: text}, {id: error}) of a finished job at ``out`` (a bucket path)."""
+    import pyarrow.parquet as pq
+
+    fs.invalidate_cache()
+    codes, texts = {}, {}
+    for path in sorted(fs.glob(f"{out}/data/train-*.parquet")):
+        with fs.open(path, "rb") as f:
+            for row in pq.read_table(f).to_pylist():
+                assert row["id"] not in codes, f"{row['id']} written twice"
+                codes[row["id"]] = np.asarray(row["codes"], np.int32)
+                texts[row["id"]] = row["text"]
+    errors = {e["id"]: e["error"] for e in map(json.loads, fs.cat_file(f"{out}/errors.jsonl").splitlines())}
+    return codes, texts, errors
+
+
+def assert_job(fs, out, shards, expected) -> None:  # noqa: F811
+    codes, texts, errors = read_bucket_output(fs, out)
+    _, good, bad = shards
+    assert sorted(codes) == sorted(expected)
+    for key in expected:
+        np.testing.assert_array_equal(codes[key], expected[key], err_msg=key)
+        assert texts[key] == good[key][1]["text"]
+    assert sorted(errors) == sorted(bad)
+    for key, reason in bad.items():
+        assert reason in errors[key], errors[key]
+
+
+@pytest.mark.slow
+def test_s3_on_four_devices_killed_after_a_shard_and_rerun(small_ref, shards, expected, s3_server, tmp_path):  # noqa: F811
+    """Configured the standard way (AWS_* variables, AWS_ENDPOINT_URL), SIGKILLed once shard 0 is
+    committed: the rerun finishes the job, every good item once."""
+    bucket, fs = upload(s3_server, shards[0])
+    out = f"{bucket}/tokens"
+    argv = ["tokenize", f"s3://{bucket}/shards/*.tar*", "-o", f"s3://{out}", "--model", small_ref.path]
+    argv += ["--batch-size", "1", "--shard-size", "1"]
+    env = {**_env(4), **s3_server.env}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "xcodec2_jax", *argv], env=env, cwd=REPO, stderr=subprocess.PIPE, text=True
+    )
+    marker = f"{out}/.errors/train-00000-of-00007.jsonl"
+    try:
+        deadline = time.monotonic() + 240
+        while not (fs.invalidate_cache() or fs.exists(marker)):
+            assert proc.poll() is None, proc.stderr.read()[-3000:]
+            assert time.monotonic() < deadline, "timed out waiting for the first shard"
+            time.sleep(0.02)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=30)
+    assert proc.returncode == -signal.SIGKILL
+    fs.invalidate_cache()
+    assert not fs.exists(f"{out}/manifest.json")
+    done = len(fs.glob(f"{out}/.errors/*.jsonl"))
+    assert 1 <= done < 7
+
+    command = [sys.executable, "-m", "xcodec2_jax", *argv]
+    rerun = subprocess.run(command, env=env, cwd=REPO, capture_output=True, text=True, timeout=240)
+    assert rerun.returncode == 2, rerun.stderr[-3000:]
+    assert "3 failed items" in rerun.stderr
+    assert_job(fs, out, shards, expected)
+    manifest = json.loads(fs.cat_file(f"{out}/manifest.json"))
+    assert manifest["num_devices"] == 4 and manifest["complete_shards"] == 7 and manifest["num_items"] == 4
+
+
+def test_gcs_with_explicit_storage_options(small_ref, shards, expected, gcs_server):  # noqa: F811
+    bucket, fs = upload(gcs_server, shards[0])
+    out = f"{bucket}/tokens"
+    result = tokenize(
+        f"gs://{bucket}/shards/",
+        f"gs://{out}",
+        model=small_ref.path,
+        batch_size=1,
+        shard_size=3,
+        storage_options=gcs_server.storage_options,
+        progress=False,
+    )
+    assert result["num_items"] == 4 and result["num_errors"] == 3
+    assert_job(fs, out, shards, expected)
+    # The same job again does nothing; another shard size on the same output is refused.
+    assert (
+        tokenize(
+            f"gs://{bucket}/shards/",
+            f"gs://{out}",
+            model=small_ref.path,
+            batch_size=1,
+            shard_size=3,
+            storage_options=gcs_server.storage_options,
+            progress=False,
+        )["run"]["items"]
+        == 0
+    )
+    with pytest.raises(ValueError, match="shard_size"):
+        tokenize(
+            f"gs://{bucket}/shards/",
+            f"gs://{out}",
+            model=small_ref.path,
+            shard_size=2,
+            storage_options=gcs_server.storage_options,
+            progress=False,
+        )
+
+
+@pytest.mark.slow
+def test_two_processes_write_one_bucket(small_ref, shards, expected, s3_server):  # noqa: F811
+    bucket, fs = upload(s3_server, shards[0])
+    out = f"{bucket}/tokens"
+    address = f"127.0.0.1:{_free_port()}"
+    procs = []
+    try:
+        for i in range(2):
+            argv = ["tokenize", f"s3://{bucket}/shards", "-o", f"s3://{out}", "--model", small_ref.path]
+            argv += ["--batch-size", "1", "--shard-size", "2", "--coordinator-address", address]
+            argv += ["--num-processes", "2", "--process-id", str(i)]
+            procs.append(
+                subprocess.Popen(
+                    [sys.executable, "-m", "xcodec2_jax", *argv],
+                    env={**_env(), **s3_server.env},
+                    cwd=REPO,
+                    stdout=subprocess.PIPE,
+                    stderr=subprocess.PIPE,
+                    text=True,
+                )
+            )
+        outputs = [p.communicate(timeout=240) for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait(timeout=30)
+    assert [p.returncode for p in procs] == [2, 2], [o[1][-2000:] for o in outputs]
+    assert_job(fs, out, shards, expected)
+    manifest = json.loads(fs.cat_file(f"{out}/manifest.json"))
+    assert manifest["num_processes"] == 2 and manifest["num_shards"] == 4
+
+
+def test_an_unreachable_endpoint_is_a_clear_error_in_bounded_time(tmp_path, capsys):
+    from xcodec2_jax.cli import main
+
+    # Nothing listens there; the client's own retries and timeouts apply (about 10 s here).
+    options = {"endpoint_url": f"http://127.0.0.1:{_free_port()}", "key": "k", "secret": "s"}
+    start = time.monotonic()
+    argv = ["tokenize", "s3://nowhere/shards/*.tar", "-o", str(tmp_path / "o")]
+    assert main(argv + ["--storage-options", json.dumps(options)]) == 2
+    assert time.monotonic() - start < 60
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "s3://nowhere/shards/*.tar" in err and "connect" in err, err
+    assert not os.path.exists(tmp_path / "o")
