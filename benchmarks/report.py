@@ -865,6 +865,36 @@ def train_section(rows: list[dict], ctx: dict) -> list[str]:
 
 
 # ---------------------------------------------------------------------------------------------------
+# bench_sources: results_sources.jsonl
+
+
+def sources_section(rows: list[dict], ctx: dict) -> list[str]:
+    names = ("folder", "local tars", "S3 tars")
+    out = []
+    for r in rows:
+        rates, rel, idle = (
+            r.get("items_per_s", {}),
+            r.get("relative_to_folder", {}),
+            r.get("device_idle_fraction", {}),
+        )
+        decode = r.get("decode", {})
+        out.append(
+            [date(r), commit(r), hardware(r), command(r), r.get("files"), r.get("batch_size")]
+            + [f"{_num(rates.get(n))} ({_ratio(rel.get(n))}, idle {_pct(idle.get(n))})" for n in names]
+            + [_num(decode.get(f, {}).get("items_per_s_per_core"), 1) for f in ("mp3", "flac")]
+        )
+    header = ["date (UTC)", "commit", "hardware", "command", "files", "batch"]
+    header += [f"{n}: items/s (vs folder, device idle)" for n in names]
+    header += ["MP3 decode items/s/core", "FLAC decode items/s/core"]
+    return [
+        "Items per second of tokenize's encode loop (host reading and decoding overlap the device), the "
+        "same files from each source, alternating rounds in one process; decode rates on one thread.",
+        "",
+        table(header, out),
+    ]
+
+
+# ---------------------------------------------------------------------------------------------------
 # Any other results*.jsonl
 
 
@@ -903,6 +933,11 @@ SECTIONS: dict[str, tuple[str, str, Callable[[list[dict], dict], list[str]]]] = 
         "Training step: `bench_train.py`",
         "python -m benchmarks.bench_train",
         train_section,
+    ),
+    "results_sources.jsonl": (
+        "Corpus sources: `bench_sources.py`",
+        "python -m benchmarks.bench_sources",
+        sources_section,
     ),
 }
 

@@ -194,3 +194,22 @@ def test_bench_decode_rows(small_ref, tmp_path):
         assert {"date", "commit", "hardware", "command"} <= set(row) and row["median_s"] > 0
         assert row["speed_vs_torch"] > 0
     assert rows["model"]["gflop_per_s"] > 0 and rows["model"]["roof_gflop_per_s"] > 0
+
+
+def test_bench_sources_rows(small_ref, tmp_path):
+    """bench_sources on a small checkpoint: a folder, local tars and tars on the S3 server tokenized
+    alike (every item, no error: asserted inside), items/s per source and the MP3/FLAC decode rates."""
+    from benchmarks import bench_sources
+
+    out = tmp_path / "sources.jsonl"
+    argv = ["--checkpoint", small_ref.path, "--files", "4", "--per-shard", "2", "--rounds", "1"]
+    argv += ["--min-seconds", "2.2", "--max-seconds", "2.5", "--batch-size", "1", "--out", str(out)]
+    assert bench_sources.main(argv) == 0
+    row = json.loads(out.read_text())
+    assert set(row["items_per_s"]) == set(bench_sources.SOURCES)
+    assert all(v > 0 for v in row["items_per_s"].values()) and row["relative_to_folder"]["folder"] == 1
+    assert (
+        row["decode"]["mp3"]["items_per_s_per_core"] > 0
+        and row["decode"]["flac"]["audio_s_per_s_per_core"] > 0
+    )
+    assert row["command"].startswith("python -m benchmarks.bench_sources") and row["git"]
