@@ -287,7 +287,9 @@ def _add_train_arguments(
     p, recipe: str, steps: int, batch_size: int, seconds: float, save_every: int
 ) -> None:
     p.add_argument(
-        "data", nargs="+", help="what tokenize reads: folders, manifests (.txt/.lst/.jsonl), Parquet"
+        "data",
+        nargs="+",
+        help="what tokenize reads: folders, manifests (.txt/.lst/.jsonl), Parquet, tars (paths or URLs)",
     )
     p.add_argument(
         "-o", "--output", required=True, metavar="OUT", help="checkpoints, logs, samples and the model"
@@ -342,6 +344,7 @@ def _add_train_arguments(
     )
     p.add_argument("--sample-every", type=int, help="write a decoded sample every K steps")
     p.add_argument("--seed", type=int, default=0, help="seed of the crops and of fresh weights (default 0)")
+    _add_storage_options(p)
     p.add_argument("--no-tensorboard", action="store_true", help="no TensorBoard event files")
     multi = p.add_argument_group("several hosts (jax.distributed)")
     multi.add_argument(
@@ -424,6 +427,7 @@ def cmd_train(args, run: _Run) -> None:
             num_processes=args.num_processes,
             process_id=args.process_id,
             distributed=args.distributed,
+            storage_options=args.storage_options,
         )
     except OSError as e:
         raise ModelLoadError(str(e)) from e
@@ -465,14 +469,7 @@ def add_tokenize_parser(sub, common, func) -> None:
         metavar="A,B",
         help="metadata fields to carry into the output (default: all; '' for none)",
     )
-    p.add_argument(
-        "--storage-options",
-        type=_json_object,
-        default=None,
-        metavar="JSON",
-        help='options of the URLs\' filesystems, e.g. \'{"endpoint_url": "http://host:9000"}\' '
-        "(default: each filesystem's standard configuration: AWS_* variables, Google credentials)",
-    )
+    _add_storage_options(p)
     p.add_argument("--shard-size", type=int, default=1000, help="items per output shard (default 1000)")
     p.add_argument(
         "--num-workers", type=int, default=None, help="host threads reading audio (default: cores)"
@@ -522,6 +519,17 @@ def run_tokenize(args) -> int:
     if result["run"]["process_id"] == 0:
         print(summary_line(result, args.output), file=sys.stderr)
     return result["num_errors"]
+
+
+def _add_storage_options(p) -> None:
+    p.add_argument(
+        "--storage-options",
+        type=_json_object,
+        default=None,
+        metavar="JSON",
+        help='options of the URLs\' filesystems, e.g. \'{"endpoint_url": "http://host:9000"}\' '
+        "(default: each filesystem's standard configuration: AWS_* variables, Google credentials)",
+    )
 
 
 def _column_list(text: str) -> list[str]:

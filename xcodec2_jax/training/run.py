@@ -287,11 +287,13 @@ def train(
     num_processes: int | None = None,
     process_id: int | None = None,
     distributed: bool = False,
+    storage_options: dict | None = None,
 ) -> list[dict]:
     """Train the codec on ``data``; see the module docstring for ``output``'s layout.
 
     Args:
-        data: what ``tokenize`` reads (folders, manifests, Parquet), one or several.
+        data: what ``tokenize`` reads (folders, manifests, Parquet, tar shards; paths or URLs), one or
+            several; ``storage_options``: the options of their filesystems, as for tokenize.
         output: the run's folder (created; a rerun resumes it).
         recipe: hyper-parameters (default :class:`~.recipe.Recipe`: X-Codec-2.0's).
         model: checkpoint (directory or Hub id) to start from; or ``config`` (``"small"``, ``"full"``
@@ -316,7 +318,7 @@ def train(
     if not validation.finite_number(segment_seconds, "segment_seconds") > 0:
         raise ValueError(f"segment_seconds must be positive, got {segment_seconds!r}")
     init_distributed(coordinator_address, num_processes, process_id, distributed)
-    items = list_items([data] if isinstance(data, (str, os.PathLike)) else list(data))
+    items = list_items([data] if isinstance(data, (str, os.PathLike)) else list(data), storage_options)
     output = os.path.abspath(os.fspath(output))
     os.makedirs(output, exist_ok=True)
     errors = _ErrorLog(output)
