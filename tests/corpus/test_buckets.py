@@ -67,14 +67,24 @@ def assert_job(fs, out, shards, expected) -> None:  # noqa: F811
 
 
 @pytest.mark.slow
-def test_s3_on_four_devices_killed_after_a_shard_and_rerun(small_ref, shards, expected, s3_server, tmp_path):  # noqa: F811
-    """Configured the standard way (AWS_* variables, AWS_ENDPOINT_URL), SIGKILLed once shard 0 is
-    committed: the rerun finishes the job, every good item once."""
-    bucket, fs = upload(s3_server, shards[0])
+@pytest.mark.parametrize("scheme", ["s3", "gs"])
+def test_bucket_on_four_devices_killed_after_a_shard_and_rerun(small_ref, shards, expected, scheme, request):  # noqa: F811
+    """Configured the standard way (S3: AWS_* variables with AWS_ENDPOINT_URL; GCS: the emulator's
+    STORAGE_EMULATOR_HOST), SIGKILLed once shard 0 is committed: the rerun finishes the job, every
+    good item once."""
+    server = request.getfixturevalue({"s3": "s3_server", "gs": "gcs_server"}[scheme])
+    bucket, fs = upload(server, shards[0])
     out = f"{bucket}/tokens"
-    argv = ["tokenize", f"s3://{bucket}/shards/*.tar*", "-o", f"s3://{out}", "--model", small_ref.path]
+    argv = [
+        "tokenize",
+        f"{scheme}://{bucket}/shards/*.tar*",
+        "-o",
+        f"{scheme}://{out}",
+        "--model",
+        small_ref.path,
+    ]
     argv += ["--batch-size", "1", "--shard-size", "1"]
-    env = {**_env(4), **s3_server.env}
+    env = {**_env(4), **server.env}
     proc = subprocess.Popen(
         [sys.executable, "-m", "xcodec2_jax", *argv], env=env, cwd=REPO, stderr=subprocess.PIPE, text=True
     )
