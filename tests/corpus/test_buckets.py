@@ -28,14 +28,21 @@ from xcodec2_jax.utils.storage import filesystem
 pytestmark = pytest.mark.subprocess
 
 
-def upload(server, root) -> tuple[str, object]:
-    """The shards in a new bucket of ``server``: (bucket name, fsspec filesystem)."""
+def upload(server, root, prefixes=("EN_B",)) -> tuple[str, object]:
+    """The shards in a new bucket of ``server``, once under each shard-name prefix of ``prefixes``
+    (EN_B00000.tar is also EN_C00000.tar ...): (bucket name, fsspec filesystem)."""
     bucket = f"corpus-{uuid.uuid4().hex[:8]}"
     server.make_bucket(bucket)
     fs, _ = filesystem(f"{server.scheme}://{bucket}", server.storage_options)
-    for name in sorted(os.listdir(root)):
-        fs.put_file(str(root / name), f"{bucket}/shards/{name}")
+    for prefix in prefixes:
+        for name in sorted(os.listdir(root)):
+            fs.put_file(str(root / name), f"{bucket}/shards/{name.replace('EN_B', prefix)}")
     return bucket, fs
+
+
+def copies(table: dict, prefixes) -> dict:
+    """``table`` (by item id) for the shards uploaded under each of ``prefixes``."""
+    return {p + key[len("EN_B") :]: value for p in prefixes for key, value in table.items()}
 
 
 def read_bucket_output(fs, out: str) -> tuple[dict, dict, dict]:
@@ -54,9 +61,9 @@ def read_bucket_output(fs, out: str) -> tuple[dict, dict, dict]:
     return codes, texts, errors
 
 
-def assert_job(fs, out, shards, expected) -> None:  # noqa: F811
+def assert_job(fs, out, shards, expected, prefixes=("EN_B",)) -> None:  # noqa: F811
     codes, texts, errors = read_bucket_output(fs, out)
-    _, good, bad = shards
+    good, bad, expected = (copies(t, prefixes) for t in (shards[1], shards[2], expected))
     assert sorted(codes) == sorted(expected)
     for key in expected:
         np.testing.assert_array_equal(codes[key], expected[key], err_msg=key)
@@ -73,7 +80,9 @@ def test_bucket_on_four_devices_killed_after_a_shard_and_rerun(small_ref, shards
     STORAGE_EMULATOR_HOST), SIGKILLed once shard 0 is committed: the rerun finishes the job, every
     good item once."""
     server = request.getfixturevalue({"s3": "s3_server", "gs": "gcs_server"}[scheme])
-    bucket, fs = upload(server, shards[0])
+    # Six shards (the three, twice), so that the job is still running when the first is committed.
+    prefixes = ("EN_B", "EN_C")
+    bucket, fs = upload(server, shards[0], prefixes)
     out = f"{bucket}/tokens"
     argv = [
         "tokenize",
@@ -88,7 +97,7 @@ def test_bucket_on_four_devices_killed_after_a_shard_and_rerun(small_ref, shards
     proc = subprocess.Popen(
         [sys.executable, "-m", "xcodec2_jax", *argv], env=env, cwd=REPO, stderr=subprocess.PIPE, text=True
     )
-    marker = f"{out}/.errors/train-00000-of-00007.jsonl"
+    marker = f"{out}/.errors/train-00000-of-00006.jsonl"
     try:
         deadline = time.monotonic() + 240
         while not (fs.invalidate_cache() or fs.exists(marker)):
@@ -105,15 +114,15 @@ def test_bucket_on_four_devices_killed_after_a_shard_and_rerun(small_ref, shards
     fs.invalidate_cache()
     assert not fs.exists(f"{out}/manifest.json")
     done = len(fs.glob(f"{out}/.errors/*.jsonl"))
-    assert 1 <= done < 7
+    assert 1 <= done < 6
 
     command = [sys.executable, "-m", "xcodec2_jax", *argv]
     rerun = subprocess.run(command, env=env, cwd=REPO, capture_output=True, text=True, timeout=240)
     assert rerun.returncode == 2, rerun.stderr[-3000:]
-    assert "3 failed items" in rerun.stderr
-    assert_job(fs, out, shards, expected)
+    assert "6 failed items" in rerun.stderr
+    assert_job(fs, out, shards, expected, prefixes)
     manifest = json.loads(fs.cat_file(f"{out}/manifest.json"))
-    assert manifest["num_devices"] == 4 and manifest["complete_shards"] == 7 and manifest["num_items"] == 4
+    assert manifest["num_devices"] == 4 and manifest["complete_shards"] == 6 and manifest["num_items"] == 8
 
 
 def test_gcs_with_explicit_storage_options(small_ref, shards, expected, gcs_server):  # noqa: F811
@@ -184,7 +193,7 @@ def test_two_processes_write_one_bucket(small_ref, shards, expected, s3_server):
     assert [p.returncode for p in procs] == [2, 2], [o[1][-2000:] for o in outputs]
     assert_job(fs, out, shards, expected)
     manifest = json.loads(fs.cat_file(f"{out}/manifest.json"))
-    assert manifest["num_processes"] == 2 and manifest["num_shards"] == 4
+    assert manifest["num_processes"] == 2 and manifest["num_shards"] == 3  # one per tar shard
 
 
 def test_an_unreachable_endpoint_is_a_clear_error_in_bounded_time(tmp_path, capsys):

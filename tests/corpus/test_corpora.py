@@ -21,7 +21,8 @@ from test_tokenize import read_output
 
 from xcodec2_jax import Xcodec2Codec, tokenize
 from xcodec2_jax.cli import main
-from xcodec2_jax.corpus.sources import list_items, read_item
+from xcodec2_jax.corpus.sources import TarShard, list_items, read_item
+from xcodec2_jax.utils.storage import Location
 
 
 def audio_bytes(audio: np.ndarray, fmt: str) -> bytes:
@@ -132,11 +133,29 @@ def test_tar_samples_are_listed_with_their_metadata(shards):
     for key, reason in errors.items():
         with pytest.raises(ValueError, match=reason):
             read_item(items[key])
+    # What tokenize streams is what training lists, bytes included.
+    streamed = [
+        it for name in sorted(os.listdir(root)) for it in TarShard(Location(str(root / name))).items()
+    ]
+    assert [it.id for it in streamed] == list(items)
+    for it in streamed:
+        assert it.meta == items[it.id].meta and it.member == items[it.id].member
+        if it.id in good:
+            assert it.data == good[it.id][0]
+        else:
+            with pytest.raises(ValueError, match=errors[it.id]):
+                read_item(it)
+
+    bad = root.parent / "not_a_tar"
+    bad.mkdir(exist_ok=True)
+    (bad / "x.tar").write_bytes(b"\x00\x01" * 700)
     with pytest.raises(ValueError, match="not a readable tar"):
-        bad = root.parent / "not_a_tar"
-        bad.mkdir(exist_ok=True)
-        (bad / "x.tar").write_bytes(b"\x00\x01" * 700)
         list_items(bad / "x.tar")
+    [alone] = TarShard(Location(str(bad / "x.tar"))).items()
+    assert alone.id == "x/" and "not a readable tar" in alone.problem
+    write_shard(bad / "again.tar", [("k.flac", b"a"), ("j.flac", b"b"), ("k.json", b"{}")])
+    with pytest.raises(ValueError, match="key 'k' appears again"):
+        read_item(list(TarShard(Location(str(bad / "again.tar"))).items())[-1])
 
 
 def test_tars_tokenize_with_text_beside_codes(small_ref, shards, expected, tmp_path, capsys):

@@ -3,12 +3,15 @@
 The columns and their types are fixed once, from every listed item, before any shard is written: all
 shards get one schema (``datasets`` refuses shards whose schemas differ) and ``job.json`` records it,
 so a rerun that would change it is refused. Numbers, booleans and strings keep their type (a column
-mixing them becomes strings); lists and objects are written as JSON strings.
+mixing them becomes strings); lists and objects are written as JSON strings. Tar shards are not
+read before the job, so their columns are planned from the first sample of the first shard; a later
+value that its column's type cannot hold is written as null, with a warning.
 """
 
 from __future__ import annotations
 
 import json
+import warnings
 from collections.abc import Sequence
 
 RESERVED = ("id", "codes", "num_codes", "duration", "num_samples")
@@ -64,8 +67,24 @@ def arrays(metas: Sequence[dict | None], types: dict[str, str]) -> dict:
         values = [_cell((meta or {}).get(name)) for meta in metas]
         if kind == "string":
             values = [v if v is None or isinstance(v, str) else _as_text(v) for v in values]
-        out[name] = pa.array(values, pa.type_for_alias(kind))
+        try:
+            out[name] = pa.array(values, pa.type_for_alias(kind))
+        except (pa.ArrowInvalid, pa.ArrowTypeError, OverflowError):
+            out[name] = pa.array([_fitting(v, kind, name) for v in values], pa.type_for_alias(kind))
     return out
+
+
+def _fitting(value, kind: str, name: str):
+    """``value`` if a ``kind`` column holds it, else None with a warning: a tar shard's later samples
+    can disagree with the first one, which the column's type was planned from."""
+    import pyarrow as pa
+
+    try:
+        pa.array([value], pa.type_for_alias(kind))
+        return value
+    except (pa.ArrowInvalid, pa.ArrowTypeError, OverflowError):
+        warnings.warn(f"column {name!r} ({kind}): {value!r} does not fit; written as null", stacklevel=2)
+        return None
 
 
 def _as_text(value) -> str:

@@ -12,10 +12,11 @@ each item's codes are those ``Xcodec2Codec.encode`` gives it alone, whatever it 
 from __future__ import annotations
 
 import collections
+import itertools
 import os
 import sys
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -33,12 +34,25 @@ from ..utils.progress import progress_bar
 from ..utils.storage import Location, StorageError
 from ..utils.version import __version__
 from . import columns as metadata
-from .shards import DATA_DIR, ERRORS_DIR, Plan, check_job, ids_digest, shard_stats, write_shard, write_summary
-from .sources import Item, list_items, read_item
+from .readahead import read_ahead
+from .shards import (
+    DATA_DIR,
+    ERRORS_DIR,
+    Plan,
+    check_job,
+    cut,
+    ids_digest,
+    shard_stats,
+    write_shard,
+    write_summary,
+)
+from .sources import Item, TarShard, list_units, read_item
 
 # Items of a shard are length-sorted into batches within windows of this many batches: a larger
 # window pads less, a smaller one starts the device sooner.
 WINDOW_BATCHES = 16
+# Tar shards read at once (each a thread and a bounded queue of items).
+TAR_SHARDS_AHEAD = 3
 
 
 def _prefetch_map(fn, items: Iterable, workers: int, ahead: int) -> Iterator:
@@ -236,8 +250,8 @@ def tokenize(
     pid, nproc = jax.process_index(), jax.process_count()
     out = Location(out, storage_options)
     model = os.fspath(model or DEFAULT_MODEL_ID)
-    items = list_items(sources, storage_options)
-    types = metadata.plan([it.meta for it in items], columns)
+    units = list_units(sources, storage_options)
+    types = metadata.plan(_known_metas(units), columns)
     codec = _load(model, dtype, precision, batch_size, revision, cache_dir, compilation_cache)
     # Bad window settings fail here, once, not once per item.
     batching.plan_pieces([1], codec.hop_length, max_window_seconds, context_seconds)
@@ -249,16 +263,18 @@ def tokenize(
         "shard_size": shard_size,
         "max_window_seconds": max_window_seconds,
         "context_seconds": context_seconds,
-        "num_listed": len(items),
-        "ids_sha256": ids_digest([it.id for it in items]),
+        "num_listed": sum(isinstance(u, Item) for u in units),
+        "ids_sha256": ids_digest([u.id if isinstance(u, Item) else "tar:" + u.location.url for u in units]),
     }
+    if any(isinstance(u, TarShard) for u in units):
+        job["tar_shards"] = sum(isinstance(u, TarShard) for u in units)
     if types:  # absent without metadata, as in the outputs of earlier versions
         job["columns"] = types
-    plan = Plan(out, len(items), shard_size)
+    plan = Plan(out, cut(units, shard_size, lambda u: isinstance(u, TarShard)))
     check_job(out, job, create=pid == 0)
     mine = plan.mine(pid, nproc)
     _remove_leftovers(plan, mine)
-    run = _ShardRunner(codec, items, batch_size, max_window_seconds, context_seconds, types)
+    run = _ShardRunner(codec, units, batch_size, max_window_seconds, context_seconds, types)
     stats = run.shards(plan, mine, num_workers, progress and pid == 0)
     stats["process_id"] = pid
     if nproc > 1:
@@ -281,27 +297,48 @@ def _remove_leftovers(plan: Plan, mine: list[int]) -> None:
         plan.out.child(ERRORS_DIR).remove_temporary(plan.name(k) + ".jsonl")
 
 
+def _known_metas(units: list) -> list:
+    """The metadata the columns are planned from: every listed item's, and the first sample's of the
+    first tar shard (tar shards are not read before the job; its first sample is read twice)."""
+    metas = [u.meta for u in units if isinstance(u, Item)]
+    first = next((u for u in units if isinstance(u, TarShard)), None)
+    if first is not None:
+        stream = first.items()
+        metas.append(next(stream, Item("", "")).meta)
+        stream.close()
+    return metas
+
+
 class _ShardRunner:
     """Runs this process's shards: items prepared on host threads, encoded in bucketed batches."""
 
-    def __init__(self, codec, items: list[Item], batch_size: int, max_window_seconds, context_seconds, types):
-        self.codec, self.items, self.batch_size, self.types = codec, items, batch_size, types
+    def __init__(self, codec, units: list, batch_size: int, max_window_seconds, context_seconds, types):
+        self.codec, self.units, self.batch_size, self.types = codec, units, batch_size, types
         self.encoder = _Encoder(codec, batch_size)
         self.prepare = _prepare(codec, max_window_seconds, context_seconds)
         self.window = WINDOW_BATCHES * batch_size
         self.stats = {"items": 0, "errors": 0, "audio_seconds": 0.0, "wait_s": 0.0}
 
+    def items_of(self, content) -> Callable[[], Iterable]:
+        """Shard content's items, then None (the shard's end), as a stream to read ahead."""
+        if isinstance(content, TarShard):
+            return lambda: itertools.chain(content.items(), [None])
+        return lambda: [*(self.units[i] for i in content), None]
+
     def shards(self, plan: Plan, mine: list[int], num_workers: int | None, progress: bool) -> dict:
         """Encode and write shards ``mine``; returns this run's statistics."""
-        todo = [self.items[i] for k in mine for i in plan.shards[k]]
+        contents = [plan.shards[k] for k in mine]
+        # Tar shards are streamed on their own threads, a few ahead, so their reads overlap the work.
+        items = read_ahead([self.items_of(c) for c in contents], ahead=TAR_SHARDS_AHEAD)
         workers = num_workers or max(2, min(16, os.cpu_count() or 2))
-        self.stream = _prefetch_map(self.prepare, todo, workers, ahead=2 * self.window)
+        self.stream = _prefetch_map(self._prepare_or_end, items, workers, ahead=2 * self.window)
+        total = None if any(isinstance(c, TarShard) for c in contents) else sum(map(len, contents))
         self.bar = progress_bar(
-            None, "tokenize", "item", progress and bool(todo), total=len(todo), file=sys.stderr
+            None, "tokenize", "item", progress and bool(mine), total=total, file=sys.stderr
         )
         self.start = time.perf_counter()
         for k in mine:
-            rows, errors = self.shard(plan.shards[k])
+            rows, errors = self.shard()
             write_shard(plan, k, [rows[i] for i in sorted(rows)], errors, self.types)
             self.stats["items"] += len(rows)
             self.stats["errors"] += len(errors)
@@ -310,43 +347,53 @@ class _ShardRunner:
         stats, encoder = self.stats, self.encoder
         stats["wall_s"] = time.perf_counter() - self.start
         stats["device_busy_s"] = encoder.busy_s
-        stats["device_idle_fraction"] = max(0.0, 1.0 - encoder.busy_s / stats["wall_s"]) if todo else 0.0
+        stats["device_idle_fraction"] = max(0.0, 1.0 - encoder.busy_s / stats["wall_s"]) if mine else 0.0
         stats["compile_s"] = encoder.compile_s
         stats["shapes"] = sorted(encoder.shapes)
         stats["shards_written"] = len(mine)
         return stats
 
-    def shard(self, shard: list[int]) -> tuple[dict[int, dict], list[dict]]:
-        """(rows by item index, failed items) of one shard, every batch collected."""
+    def _prepare_or_end(self, item: Item | None):
+        return None if item is None else (item, self.prepare(item))
+
+    def shard(self) -> tuple[dict[int, dict], list[dict]]:
+        """(rows by position, failed items) of the next shard of the stream, every batch collected."""
         rows: dict[int, dict] = {}
         errors: list[dict] = []
 
         def sink(key, codes):
-            index, offset, (lo, hi) = key
-            rows[index]["codes"][offset : offset + hi - lo] = codes[lo:hi]
+            position, offset, (lo, hi) = key
+            rows[position]["codes"][offset : offset + hi - lo] = codes[lo:hi]
 
-        for w in range(0, len(shard), self.window):
-            ready = self.take(shard[w : w + self.window], rows, errors)
+        ended = False
+        while not ended:
+            ready, count, ended = self.take(rows, errors)
             ready.sort(key=lambda p: -p[1]["num_codes"])
             for b in range(0, len(ready), self.batch_size):
                 self.encoder.submit(ready[b : b + self.batch_size], sink)
-            self.show(len(shard[w : w + self.window]))
+            self.show(count)
         self.encoder.collect(sink)
         return rows, errors
 
-    def take(self, indices: list[int], rows: dict, errors: list) -> list:
-        """The next prepared items: a row (codes to fill) per good item, its pieces to encode."""
-        ready = []
-        for index in indices:
+    def take(self, rows: dict, errors: list) -> tuple[list, int, bool]:
+        """Up to a window of the shard's next prepared items: a row (codes to fill) per good item, and
+        its pieces to encode; returns (pieces, items taken, whether the shard ended)."""
+        ready: list = []
+        count = 0
+        while count < self.window:
             t = time.perf_counter()
-            prepared = next(self.stream)
+            entry = next(self.stream)
             self.stats["wait_s"] += time.perf_counter() - t
-            item = self.items[index]
+            if entry is None:
+                return ready, count, True
+            item, prepared = entry
+            position = len(rows) + len(errors)
+            count += 1
             if "error" in prepared:
                 errors.append({"id": item.id, "path": item.path, "error": prepared["error"]})
                 continue
             duration = prepared["num_samples"] / self.codec.sampling_rate
-            rows[index] = {
+            rows[position] = {
                 "id": item.id,
                 "codes": np.zeros(prepared["num_codes"], np.int32),
                 "num_samples": prepared["num_samples"],
@@ -354,8 +401,8 @@ class _ShardRunner:
                 "meta": item.meta,
             }
             self.stats["audio_seconds"] += duration
-            ready += [((index, part["offset"], part["keep"]), part) for part in prepared["parts"]]
-        return ready
+            ready += [((position, part["offset"], part["keep"]), part) for part in prepared["parts"]]
+        return ready, count, False
 
     def show(self, count: int) -> None:
         if self.bar is None:

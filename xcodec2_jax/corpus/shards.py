@@ -1,7 +1,8 @@
 """The output folder: a fixed plan of shards, each written whole or not at all, and the manifest.
 
-Items are cut, in listing order, into shards of ``shard_size``; shard k goes to process
-``k % num_processes``. The assignment depends only on the item list and the shard size, so a rerun
+Items are cut, in listing order, into shards of ``shard_size`` (a tar shard of the sources is one
+output shard, whatever its size); shard k goes to process ``k % num_processes``. The assignment
+depends only on the listing (tar shards by name, unread) and the shard size, so a rerun
 (with any number of processes) redoes exactly the shards that are missing. Shard k's rows go to
 ``data/train-KKKKK-of-NNNNN.parquet`` and its failed items to ``.errors/train-KKKKK-of-NNNNN.jsonl``,
 each written whole (locally under a temporary name renamed into place; on an object store as one
@@ -18,7 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 
@@ -48,17 +49,29 @@ def schema(types: dict[str, str] | None = None):
     )
 
 
-class Plan:
-    """Shards of a job under ``out``: ``shards[k]`` is the list of item indices of shard k."""
+def cut(units: Sequence, shard_size: int, whole: Callable[[object], bool]) -> list:
+    """The shards' contents: runs of consecutive units cut into lists of at most ``shard_size`` unit
+    indices, except that a unit for which ``whole(unit)`` holds (a tar shard) is a shard by itself."""
+    if not isinstance(shard_size, int) or shard_size < 1:
+        raise ValueError(f"shard_size must be a positive integer, got {shard_size!r}")
+    shards: list = []
+    run: list[int] = []
+    for i, unit in enumerate(units):
+        if whole(unit):
+            shards += [run[s : s + shard_size] for s in range(0, len(run), shard_size)] + [unit]
+            run = []
+        else:
+            run.append(i)
+    return shards + [run[s : s + shard_size] for s in range(0, len(run), shard_size)]
 
-    def __init__(self, out: Location, num_items: int, shard_size: int):
-        if not isinstance(shard_size, int) or shard_size < 1:
-            raise ValueError(f"shard_size must be a positive integer, got {shard_size!r}")
+
+class Plan:
+    """Shards of a job under ``out``: ``shards[k]`` is shard k's list of unit indices, or the one
+    unit (a tar shard) it holds whole."""
+
+    def __init__(self, out: Location, shards: list):
         self.out = out
-        self.shard_size = shard_size
-        self.shards = [
-            list(range(s, min(s + shard_size, num_items))) for s in range(0, num_items, shard_size)
-        ]
+        self.shards = shards
 
     def name(self, k: int) -> str:
         return f"train-{k:05d}-of-{len(self.shards):05d}"

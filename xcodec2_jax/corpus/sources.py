@@ -18,13 +18,13 @@ import json
 import os
 import posixpath
 import threading
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import numpy as np
 
 from ..inference.audio import read_audio, unreadable
 from ..utils.files import AUDIO_SUFFIXES
-from ..utils.storage import Location, expand, storage_error
+from ..utils.storage import Location, StorageError, expand, storage_error
 from . import tars
 
 MANIFEST_SUFFIXES = (".txt", ".lst", ".jsonl")
@@ -38,6 +38,7 @@ class Item:
     (``member`` set: the (offset, size) of the audio member's bytes) holding it; a local path or URL.
     ``location``: where ``path`` is read from (None: the local path). ``meta``: the source's other
     fields for this item. ``problem``: why a listed item cannot be used (a tar sample with no audio).
+    ``data``: its audio file's bytes, already read (a streamed tar sample).
     """
 
     id: str
@@ -47,6 +48,7 @@ class Item:
     location: Location | None = dataclasses.field(default=None, compare=False, repr=False)
     meta: dict | None = dataclasses.field(default=None, compare=False, repr=False)
     problem: str | None = None
+    data: bytes | None = dataclasses.field(default=None, compare=False, repr=False)
 
     def where(self) -> Location:
         return self.location if self.location is not None else Location(self.path)
@@ -117,15 +119,43 @@ def _parquet_ids(f, schema) -> list | None:
     return None
 
 
+@dataclasses.dataclass(frozen=True)
+class TarShard:
+    """A WebDataset tar shard that ``tokenize`` streams instead of listing (see :func:`list_units`)."""
+
+    location: Location
+
+    @property
+    def name(self) -> str:
+        return tars.shard_name(self.location.name)
+
+    def items(self) -> Iterator[Item]:
+        """The shard's items in member order, each with its audio bytes (``data``), from one forward
+        read; a shard that is not a tar gives one item saying so."""
+        where = self.location
+        try:
+            for s in tars.stream(where):
+                yield _tar_item(where, s)
+        except StorageError:
+            raise
+        except ValueError as e:
+            yield Item(f"{self.name}/", where.url, location=where, problem=str(e))
+        except Exception as e:  # a store that failed in the middle of the stream
+            raise storage_error(where, e) from None
+
+
+def _tar_item(where: Location, s: tars.Sample) -> Item:
+    name = tars.shard_name(where.name)
+    return Item(
+        f"{name}/{s.key}", where.url, None, s.audio, where, s.meta or None, s.problem, s.data
+    )
+
+
 def _tar_items(source: Location) -> list[Item]:
-    shard = tars.shard_name(source.name)
-    return [
-        Item(f"{shard}/{s.key}", source.url, member=s.audio, location=source, meta=s.meta, problem=s.problem)
-        for s in tars.samples(source)
-    ]
+    return [_tar_item(source, s) for s in tars.samples(source)]
 
 
-def _folder_items(root: Location) -> list[Item]:
+def _folder_items(root: Location, stream_tars: bool) -> list[Item | TarShard]:
     def rel(loc: Location) -> str:
         return posixpath.relpath(loc.path, root.path) if root.fs else os.path.relpath(loc.path, root.path)
 
@@ -134,7 +164,7 @@ def _folder_items(root: Location) -> list[Item]:
         return [it for p in parquets for it in _parquet_items(p, rel(p))]
     shards = root.files(tars.TAR_SUFFIXES)
     if shards:
-        return [it for t in shards for it in _tar_items(t)]
+        return [TarShard(t) for t in shards] if stream_tars else [it for t in shards for it in _tar_items(t)]
     found = [Item(rel(p), p.url, location=p) for p in root.files(AUDIO_SUFFIXES)]
     if not found:
         raise ValueError(
@@ -143,14 +173,14 @@ def _folder_items(root: Location) -> list[Item]:
     return found
 
 
-def _file_items(source: Location) -> list[Item]:
+def _file_items(source: Location, stream_tars: bool) -> list[Item | TarShard]:
     name = source.path.lower()
     if name.endswith(MANIFEST_SUFFIXES):
         found = _manifest_items(source)
     elif name.endswith(".parquet"):
         found = _parquet_items(source, source.name)
     elif name.endswith(tars.TAR_SUFFIXES):
-        found = _tar_items(source)
+        found = [TarShard(source)] if stream_tars else _tar_items(source)
     elif name.endswith(AUDIO_SUFFIXES):
         found = [Item(source.name, source.url, location=source)]
     else:
@@ -163,12 +193,12 @@ def _file_items(source: Location) -> list[Item]:
     return found
 
 
-def _source_items(source: Location) -> list[Item]:
+def _source_items(source: Location, stream_tars: bool) -> list[Item | TarShard]:
     try:
         if source.is_dir():
-            return _folder_items(source)
+            return _folder_items(source, stream_tars)
         if source.is_file():
-            return _file_items(source)
+            return _file_items(source, stream_tars)
     except ValueError:
         raise
     except Exception as e:  # a store that failed in the middle of a listing or a read
@@ -182,27 +212,41 @@ def list_items(
     """Every item of ``sources`` in a fixed order.
 
     ``sources``: local paths or URLs (globs allowed) of directories, ``.txt`` / ``.jsonl`` manifests,
-    ``.parquet`` files, WebDataset tar shards (``.tar``, ``.tar.gz``, ``.tgz``) or audio files;
-    ``storage_options`` go to the filesystem of every URL. ValueError for a missing source, an empty
-    one, a filesystem that is not installed, or ids given twice.
+    ``.parquet`` files, WebDataset tar shards (``.tar``, ``.tar.gz``, ``.tgz``; listed from their
+    headers) or audio files; ``storage_options`` go to the filesystem of every URL. ValueError for a
+    missing source, an empty one, a filesystem that is not installed, or ids given twice.
     """
+    return _collect(sources, storage_options, stream_tars=False)
+
+
+def list_units(
+    sources: str | os.PathLike | Sequence[str | os.PathLike], storage_options: dict | None = None
+) -> list[Item | TarShard]:
+    """:func:`list_items`, but each tar shard left whole (a :class:`TarShard`, read in one pass when
+    its turn comes), so listing a corpus of tars reads no tar. The shards' names must be unique (their
+    items' ids start with them); the keys within a shard are checked as it streams."""
+    return _collect(sources, storage_options, stream_tars=True)
+
+
+def _collect(sources, storage_options: dict | None, stream_tars: bool) -> list:
     if isinstance(sources, (str, os.PathLike)):
         sources = [sources]
     if not sources:
         raise ValueError("no sources given")
-    items: list[Item] = []
+    units: list = []
     for pattern in sources:
         for source in expand(pattern, storage_options):
-            items += _source_items(source)
-    seen: dict[str, Item] = {}
-    for item in items:
-        if item.id in seen:
+            units += _source_items(source, stream_tars)
+    seen: dict[str, str] = {}
+    for unit in units:
+        key, path = (unit.id, unit.path) if isinstance(unit, Item) else (unit.name + "/", unit.location.url)
+        if key in seen:
             raise ValueError(
-                f"id {item.id!r} is given twice ({seen[item.id].path} and {item.path}); ids must be unique "
-                "so that a resumed job can tell items apart (give an 'id' column or field)"
+                f"id {key!r} is given twice ({seen[key]} and {path}); ids must be unique so that a "
+                "resumed job can tell items apart (give an 'id' column or field; rename one tar shard)"
             )
-        seen[item.id] = item
-    return items
+        seen[key] = path
+    return units
 
 
 # A few row groups are kept decoded per process: consecutive items of a shard share them.
@@ -243,6 +287,8 @@ def _parquet_audio(item: Item) -> bytes:
 
 
 def _item_bytes(item: Item) -> bytes:
+    if item.data is not None:
+        return item.data
     if item.row is not None:
         return _parquet_audio(item)
     if item.member is not None:

@@ -1,14 +1,16 @@
-"""WebDataset tar shards: samples listed from the headers, audio members read by byte range.
+"""WebDataset tar shards: streamed sample by sample, or listed and then read by byte range.
 
 A shard's members are grouped into samples by key, as WebDataset does: the member's name up to the
 first dot of its base name (``EN_B00000_S00000_W000000.mp3`` and ``...W000000.json`` are one
 sample). A sample's audio member (``AUDIO_EXTENSIONS``) is the item; its ``.json`` member's fields
 and its text members (``.txt``: column ``txt``; ``.foo.txt``: column ``foo``) are its metadata.
 
-Listing reads the headers and the small metadata members, never the audio: in an uncompressed tar
-it seeks past each member's data (ranged reads on an object store). Reading an item is then one
-ranged read of its bytes. A gzip-compressed tar has no random access: its items are read from one
-forward stream per shard (:class:`_GzipStreams`), which is how the job asks for them (in order).
+``tokenize`` streams each shard once from its start (:func:`stream`: one sequential read, the first
+sample available as soon as its bytes arrive, ``.tar.gz`` alike). Training draws crops at random, so
+it lists a shard first (:func:`samples`: the headers and the small metadata members; in an
+uncompressed tar it seeks past each member's data) and reads each item as one ranged read of its
+bytes; a gzip-compressed shard is read there through one forward stream per shard
+(:class:`_GzipStreams`).
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import re
 import tarfile
 import threading
 import zlib
+from collections.abc import Iterator
 
 from ..utils.files import AUDIO_SUFFIXES
 from ..utils.storage import Location
@@ -40,6 +43,7 @@ class Sample:
     audio: tuple[int, int] | None = None
     meta: dict = dataclasses.field(default_factory=dict)
     problem: str | None = None
+    data: bytes | None = None  # the audio member's bytes, when streamed
 
 
 def shard_name(name: str) -> str:
@@ -69,22 +73,66 @@ def samples(location: Location) -> list[Sample]:
                     _add_member(found, tar, member)
         except (tarfile.TarError, EOFError, OSError, zlib.error):
             pass  # cut short: the members before the cut are listed, the cut one fails when read
-    for sample in found.values():
-        if sample.audio is None and sample.problem is None:
-            kinds = ", ".join(sorted(sample.meta)) or "nothing"
-            sample.problem = f"the sample has no audio member ({', '.join(AUDIO_EXTENSIONS)}); it has {kinds}"
-    return list(found.values())
+    return [_checked(sample) for sample in found.values()]
 
 
-def _add_member(found: dict[str, Sample], tar: tarfile.TarFile, member: tarfile.TarInfo) -> None:
+def _checked(sample: Sample) -> Sample:
+    if sample.audio is None and sample.problem is None:
+        kinds = ", ".join(sorted(sample.meta)) or "nothing"
+        sample.problem = f"the sample has no audio member ({', '.join(AUDIO_EXTENSIONS)}); it has {kinds}"
+    return sample
+
+
+def stream(location: Location) -> Iterator[Sample]:
+    """The samples of the shard at ``location`` in member order, each with its audio bytes, read in one
+    forward pass. A shard cut short ends with its cut sample marked as such; a key met again after
+    its sample ended is a sample marked as a repeat (ids must stay unique); a file that is not a tar
+    is a ValueError."""
+    with location.open("rb") as f:
+        try:
+            tar = tarfile.open(fileobj=f, mode="r|gz" if is_gzip(location) else "r|")
+        except (tarfile.TarError, EOFError, OSError, zlib.error) as e:
+            raise ValueError(f"{location}: not a readable tar file ({type(e).__name__}: {e})") from None
+        current: Sample | None = None
+        seen: set[str] = set()
+        try:
+            for member in tar:
+                key = _key_of(member)
+                if key is None:
+                    continue
+                if current is None or key != current.key:
+                    if current is not None:
+                        yield _checked(current)
+                    current = Sample(key)
+                    if key in seen:
+                        current.problem = f"key {key!r} appears again after its sample ended"
+                    seen.add(key)
+                _add_member(current, tar, member, keep_audio=True)
+        except (tarfile.TarError, EOFError, OSError, zlib.error) as e:
+            if current is None:
+                raise ValueError(f"{location}: not a readable tar file ({type(e).__name__}: {e})") from None
+            current.problem = f"the tar is cut short in this sample ({type(e).__name__}: {e})"
+        if current is not None:
+            yield _checked(current)
+
+
+def _key_of(member: tarfile.TarInfo) -> str | None:
+    match = _KEY_EXT.match(member.name) if member.isfile() else None
+    return None if match is None else match.group(1)
+
+
+def _add_member(found, tar: tarfile.TarFile, member: tarfile.TarInfo, keep_audio: bool = False) -> None:
+    """Add ``member`` to its sample: ``found`` is the dict of samples by key, or the one sample."""
     match = _KEY_EXT.match(member.name)
     if match is None:
         return
     key, ext = match.group(1), match.group(2).lower()
-    sample = found.setdefault(key, Sample(key))
+    sample = found if isinstance(found, Sample) else found.setdefault(key, Sample(key))
     if ("." + ext).endswith(AUDIO_EXTENSIONS):
         if sample.audio is None:
             sample.audio = (member.offset_data, member.size)
+            if keep_audio:
+                sample.data = tar.extractfile(member).read()
     elif ext == "json" or ext.endswith(".json"):
         text = tar.extractfile(member).read()
         try:
