@@ -33,7 +33,8 @@ from xcodec2_jax.utils.storage import filesystem
 
 from . import measure
 from .bench_cli import build_checkpoint
-from .bench_codec import SAMPLING_RATE, speech_loop
+from .bench_codec import SAMPLING_RATE
+from .bench_tokenize import utterances
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
@@ -54,18 +55,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--out", default=DEFAULT_OUT, help="JSON lines appended here")
     return p.parse_args(argv)
-
-
-def clips(files: int, lo: float, hi: float) -> list[np.ndarray]:
-    """``files`` speech utterances of lengths spread over [lo, hi] s."""
-    loop = np.tile(speech_loop()[0], 8)
-    rng = np.random.default_rng(0)
-    out = []
-    for _ in range(files):
-        n = int(rng.uniform(lo, hi) * SAMPLING_RATE)
-        start = int(rng.integers(0, loop.size - n))
-        out.append(loop[start : start + n])
-    return out
 
 
 def encoded(audio: np.ndarray, fmt: str) -> bytes:
@@ -131,7 +120,7 @@ def _measure(args, checkpoint: str, work: str, command: str) -> int:
     sys.path.insert(0, os.path.join(REPO, "tests"))
     from object_stores import serve  # the tests' S3 server on 127.0.0.1
 
-    audio = clips(args.files, args.min_seconds, args.max_seconds)
+    audio = utterances(args.files, args.min_seconds, args.max_seconds)
     folder, shards = write_sources(work, [encoded(a, "FLAC") for a in audio], args.per_shard)
     seconds = sum(len(a) for a in audio) / SAMPLING_RATE
     run_id, start_load = measure.run_id(), measure.loadavg()

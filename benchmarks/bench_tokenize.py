@@ -93,19 +93,26 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def make_corpus(folder: str, files: int, lo: float, hi: float) -> float:
-    """``files`` speech utterances of lengths spread over [lo, hi] s; returns their total seconds."""
-    import soundfile as sf
-
+def utterances(files: int, lo: float, hi: float) -> list[np.ndarray]:
+    """``files`` cuts of the looped test speech, of lengths spread over [lo, hi] s (fixed seed)."""
     loop = np.tile(speech_loop()[0], 8)
     rng = np.random.default_rng(0)
-    total = 0.0
-    for i in range(files):
+    out = []
+    for _ in range(files):
         n = int(rng.uniform(lo, hi) * SAMPLING_RATE)
         start = int(rng.integers(0, loop.size - n))
-        sf.write(os.path.join(folder, f"utt{i:04d}.wav"), loop[start : start + n], SAMPLING_RATE)
-        total += n / SAMPLING_RATE
-    return total
+        out.append(loop[start : start + n])
+    return out
+
+
+def make_corpus(folder: str, files: int, lo: float, hi: float) -> float:
+    """``files`` speech utterances of lengths spread over [lo, hi] s as WAV files; their total seconds."""
+    import soundfile as sf
+
+    clips = utterances(files, lo, hi)
+    for i, clip in enumerate(clips):
+        sf.write(os.path.join(folder, f"utt{i:04d}.wav"), clip, SAMPLING_RATE)
+    return sum(len(c) for c in clips) / SAMPLING_RATE
 
 
 def run(script: str, args: list[str], timeout: float) -> tuple[float, dict]:

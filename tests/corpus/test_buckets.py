@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -20,7 +19,7 @@ import numpy as np
 import pytest
 from object_stores import gcs_server, s3_server  # noqa: F401
 from test_corpora import expected, shards  # noqa: F401
-from test_tokenize import REPO, _env, _free_port
+from test_tokenize import REPO, _env, _free_port, run_hosts, sigkill_when
 
 from xcodec2_jax import tokenize
 from xcodec2_jax.utils.storage import filesystem
@@ -98,19 +97,7 @@ def test_bucket_on_four_devices_killed_after_a_shard_and_rerun(small_ref, shards
         [sys.executable, "-m", "xcodec2_jax", *argv], env=env, cwd=REPO, stderr=subprocess.PIPE, text=True
     )
     marker = f"{out}/.errors/train-00000-of-00006.jsonl"
-    try:
-        deadline = time.monotonic() + 240
-        while not (fs.invalidate_cache() or fs.exists(marker)):
-            assert proc.poll() is None, proc.stderr.read()[-3000:]
-            assert time.monotonic() < deadline, "timed out waiting for the first shard"
-            time.sleep(0.02)
-        proc.send_signal(signal.SIGKILL)
-        proc.wait(timeout=30)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait(timeout=30)
-    assert proc.returncode == -signal.SIGKILL
+    sigkill_when(proc, lambda: fs.invalidate_cache() or fs.exists(marker))
     fs.invalidate_cache()
     assert not fs.exists(f"{out}/manifest.json")
     done = len(fs.glob(f"{out}/.errors/*.jsonl"))
@@ -128,68 +115,33 @@ def test_bucket_on_four_devices_killed_after_a_shard_and_rerun(small_ref, shards
 def test_gcs_with_explicit_storage_options(small_ref, shards, expected, gcs_server):  # noqa: F811
     bucket, fs = upload(gcs_server, shards[0])
     out = f"{bucket}/tokens"
-    result = tokenize(
-        f"gs://{bucket}/shards/",
-        f"gs://{out}",
-        model=small_ref.path,
-        batch_size=1,
-        shard_size=3,
-        storage_options=gcs_server.storage_options,
-        progress=False,
-    )
-    assert result["num_items"] == 4 and result["num_errors"] == 3
-    assert_job(fs, out, shards, expected)
-    # The same job again does nothing; another shard size on the same output is refused.
-    assert (
-        tokenize(
+
+    def job(shard_size: int) -> dict:
+        return tokenize(
             f"gs://{bucket}/shards/",
             f"gs://{out}",
             model=small_ref.path,
             batch_size=1,
-            shard_size=3,
-            storage_options=gcs_server.storage_options,
-            progress=False,
-        )["run"]["items"]
-        == 0
-    )
-    with pytest.raises(ValueError, match="shard_size"):
-        tokenize(
-            f"gs://{bucket}/shards/",
-            f"gs://{out}",
-            model=small_ref.path,
-            shard_size=2,
+            shard_size=shard_size,
             storage_options=gcs_server.storage_options,
             progress=False,
         )
+
+    result = job(3)
+    assert result["num_items"] == 4 and result["num_errors"] == 3
+    assert_job(fs, out, shards, expected)
+    # The same job again does nothing; another shard size on the same output is refused.
+    assert job(3)["run"]["items"] == 0
+    with pytest.raises(ValueError, match="shard_size"):
+        job(2)
 
 
 @pytest.mark.slow
 def test_two_processes_write_one_bucket(small_ref, shards, expected, s3_server):  # noqa: F811
     bucket, fs = upload(s3_server, shards[0])
     out = f"{bucket}/tokens"
-    address = f"127.0.0.1:{_free_port()}"
-    procs = []
-    try:
-        for i in range(2):
-            argv = ["tokenize", f"s3://{bucket}/shards", "-o", f"s3://{out}", "--model", small_ref.path]
-            argv += ["--batch-size", "1", "--shard-size", "2", "--coordinator-address", address]
-            argv += ["--num-processes", "2", "--process-id", str(i)]
-            procs.append(
-                subprocess.Popen(
-                    [sys.executable, "-m", "xcodec2_jax", *argv],
-                    env={**_env(), **s3_server.env},
-                    cwd=REPO,
-                    stdout=subprocess.PIPE,
-                    stderr=subprocess.PIPE,
-                    text=True,
-                )
-            )
-        outputs = [p.communicate(timeout=240) for p in procs]
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-                p.wait(timeout=30)
+    argv = ["tokenize", f"s3://{bucket}/shards", "-o", f"s3://{out}", "--model", small_ref.path]
+    procs, outputs = run_hosts(argv + ["--batch-size", "1", "--shard-size", "2"], {**_env(), **s3_server.env})
     assert [p.returncode for p in procs] == [2, 2], [o[1][-2000:] for o in outputs]
     assert_job(fs, out, shards, expected)
     manifest = json.loads(fs.cat_file(f"{out}/manifest.json"))

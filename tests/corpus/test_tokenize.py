@@ -165,7 +165,20 @@ def _wait_for(predicate, timeout: float, proc=None) -> None:
             raise AssertionError(f"child exited early ({proc.returncode}): {proc.stderr.read()[-3000:]}")
         if time.monotonic() > deadline:
             raise AssertionError("timed out")
-        time.sleep(0.05)
+        time.sleep(0.02)
+
+
+def sigkill_when(proc: subprocess.Popen, predicate, timeout: float = 240) -> None:
+    """SIGKILL ``proc`` once ``predicate()`` holds (polled; the child must not exit first)."""
+    try:
+        _wait_for(predicate, timeout, proc)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=30)
+    assert proc.returncode == -signal.SIGKILL
 
 
 @pytest.mark.subprocess
@@ -183,15 +196,7 @@ def test_sigkill_after_first_shard_then_rerun(small_ref, corpus, expected, tmp_p
     proc = subprocess.Popen(
         [sys.executable, "-m", "xcodec2_jax", *argv], env=_env(), cwd=REPO, stderr=subprocess.PIPE, text=True
     )
-    try:
-        _wait_for(lambda: (out / ".errors" / "train-00000-of-00003.jsonl").exists(), 180, proc)
-        proc.send_signal(signal.SIGKILL)
-        proc.wait(timeout=30)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait(timeout=30)
-    assert proc.returncode == -signal.SIGKILL
+    sigkill_when(proc, lambda: (out / ".errors" / "train-00000-of-00003.jsonl").exists())
     assert sorted(read_output(out)) == ["a.wav"]
     assert not (out / "manifest.json").exists()
 
@@ -213,33 +218,38 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.mark.subprocess
-@pytest.mark.slow
-def test_two_processes_share_the_items(small_ref, corpus, expected, tmp_path):
-    out = tmp_path / "out"
+def run_hosts(argv: list[str], env: dict, hosts: int = 2) -> tuple[list, list]:
+    """``xcodec2-jax *argv`` as ``hosts`` jax.distributed processes on 127.0.0.1, to the end (bounded):
+    (the processes, their (stdout, stderr))."""
     address = f"127.0.0.1:{_free_port()}"
     procs = []
     try:
-        for i in range(2):
-            argv = ["tokenize", str(corpus), "-o", str(out), "--model", small_ref.path, "--batch-size", "1"]
-            argv += ["--shard-size", "1", "--coordinator-address", address, "--num-processes", "2"]
-            argv += ["--process-id", str(i)]
+        for i in range(hosts):
+            extra = ["--coordinator-address", address, "--num-processes", str(hosts), "--process-id", str(i)]
             procs.append(
                 subprocess.Popen(
-                    [sys.executable, "-m", "xcodec2_jax", *argv],
-                    env=_env(),
+                    [sys.executable, "-m", "xcodec2_jax", *argv, *extra],
+                    env=env,
                     cwd=REPO,
                     stdout=subprocess.PIPE,
                     stderr=subprocess.PIPE,
                     text=True,
                 )
             )
-        outputs = [p.communicate(timeout=240) for p in procs]
+        return procs, [p.communicate(timeout=240) for p in procs]
     finally:
         for p in procs:
             if p.poll() is None:
                 p.kill()
                 p.wait(timeout=30)
+
+
+@pytest.mark.subprocess
+@pytest.mark.slow
+def test_two_processes_share_the_items(small_ref, corpus, expected, tmp_path):
+    out = tmp_path / "out"
+    argv = ["tokenize", str(corpus), "-o", str(out), "--model", small_ref.path, "--batch-size", "1"]
+    procs, outputs = run_hosts(argv + ["--shard-size", "1"], _env())
     assert [p.returncode for p in procs] == [2, 2], [o[1][-2000:] for o in outputs]
     assert_codes(read_output(out), expected)
     assert sorted(read_errors(out)) == sorted(BAD)
