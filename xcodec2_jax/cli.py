@@ -22,13 +22,13 @@ from .corpus.run import tokenize
 from .inference.audio import read_audio
 from .inference.codec import Xcodec2Codec
 from .inference.compilation_cache import resolve_cache_dir
-from .inference.hub import DEFAULT_MODEL_ID, resolve_checkpoint
 from .inference.llasa import text_to_codes
 from .training.recipe import RECIPES, Recipe
 from .training.run import train
 from .utils import validation
 from .utils.dtypes import compute_dtype
 from .utils.files import AUDIO_SUFFIXES, walk_files
+from .utils.hub import DEFAULT_MODEL_ID, resolve_checkpoint
 from .utils.progress import progress_bar
 
 EXIT_OK, EXIT_BAD_INPUT = 0, 2
@@ -371,7 +371,8 @@ def _add_train_parsers(sub) -> None:
     )
     _add_train_arguments(p, "reconstruction", 1000, 4, 2.0, 500)
     p = sub.add_parser(
-        "export", help="write a checkpoint in transformers' layout (config.json + model.safetensors)"
+        "export",
+        help="a checkpoint in transformers' layout: config.json, model.safetensors, preprocessor_config.json",
     )
     p.add_argument("model", help="any checkpoint the library loads (a train OUT, original, Orbax, Hub id)")
     p.add_argument("-o", "--output", required=True, metavar="DIR")
@@ -441,7 +442,7 @@ def cmd_export(args, run: _Run) -> None:
     except OSError as e:
         raise ModelLoadError(str(e)) from e
     save_transformers(args.output, params, config)
-    print(f"wrote {args.output} (config.json, model.safetensors)")
+    print(f"wrote {args.output} (config.json, model.safetensors, preprocessor_config.json)")
 
 
 def add_tokenize_parser(sub, common, func) -> None:

@@ -331,3 +331,46 @@ def test_bad_inputs(fe):
         fbank_features_jax(np.zeros((1, 1000), np.float32), [1000])
     with pytest.raises(ValueError):
         Xcodec2FeatureExtractor(sampling_rate=24000)
+
+
+# HKUSTAudio/xcodec2-hf's preprocessor_config.json as published (what transformers' save_pretrained writes).
+PUBLISHED = {
+    "feature_extractor_type": "Xcodec2FeatureExtractor",
+    "feature_size": 80,
+    "hop_length": 320,
+    "padding_side": "right",
+    "padding_value": 1.0,
+    "return_attention_mask": True,
+    "sampling_rate": 16000,
+}
+
+
+def test_from_pretrained_reads_transformers_settings(tmp_path, speech):
+    import json
+
+    from transformers import FeatureExtractionMixin
+
+    (tmp_path / "preprocessor_config.json").write_text(json.dumps({**PUBLISHED, "padding_value": 0.5}))
+    loaded = Xcodec2FeatureExtractor.from_pretrained(tmp_path)
+    assert (loaded.padding_value, loaded.hop_length, loaded.sampling_rate) == (0.5, 320, 16000)
+    out = loaded(speech[0][:8000], sampling_rate=16000)
+    want = Xcodec2FeatureExtractor(padding_value=0.5)(speech[0][:8000], sampling_rate=16000)
+    for key in want:
+        np.testing.assert_array_equal(out[key], want[key])
+
+    # What ours writes is what transformers reads, and back.
+    saved = tmp_path / "saved"
+    saved.mkdir()
+    loaded.save_pretrained(saved)
+    settings, _ = FeatureExtractionMixin.get_feature_extractor_dict(str(saved))
+    assert settings == {**PUBLISHED, "padding_value": 0.5}
+    assert Xcodec2FeatureExtractor.from_pretrained(saved).padding_value == 0.5
+
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(OSError, match="no preprocessor_config.json"):
+        Xcodec2FeatureExtractor.from_pretrained(tmp_path / "empty")
+    (tmp_path / "preprocessor_config.json").write_text(
+        json.dumps({**PUBLISHED, "feature_extractor_type": "NeuCodecFeatureExtractor"})
+    )
+    with pytest.raises(ValueError, match="NeuCodecFeatureExtractor"):
+        Xcodec2FeatureExtractor.from_pretrained(tmp_path)

@@ -158,6 +158,11 @@ def test_export_loads_in_transformers_without_missing_keys(uninterrupted, tmp_pa
     assert main(["export", str(out), "-o", str(tmp_path / "hf")]) == 0
     model, info = TorchModel.from_pretrained(str(tmp_path / "hf"), output_loading_info=True)
     assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"]
+    # transformers' feature-extractor loader (short of the class, which needs torchaudio) reads the settings.
+    from transformers import FeatureExtractionMixin
+
+    settings, _ = FeatureExtractionMixin.get_feature_extractor_dict(str(tmp_path / "hf"))
+    assert settings["feature_extractor_type"] == "Xcodec2FeatureExtractor" and settings["hop_length"] == 320
     codec = Xcodec2Codec.from_pretrained(str(out))
     codes = codec.encode(load_speech()[2][:16000], 16000)
     with torch.no_grad():

@@ -18,6 +18,7 @@ import numpy as np
 
 from ..config import SemanticConfig, Xcodec2Config
 from ..config.original import SEMANTIC_LAYERS_USED
+from ..modeling.features import Xcodec2FeatureExtractor
 from ..modeling.layout import checkpoint_shapes, stack_layers, unstack_layers
 from ..utils.files import atomic_write, atomic_write_json
 from ..utils.safetensors import SAFE_WEIGHTS_NAME
@@ -62,7 +63,8 @@ def to_transformers_state(params: Mapping[str, Any], config: Xcodec2Config) -> d
 
 
 def save_transformers(directory: str | os.PathLike, params: Mapping[str, Any], config: Xcodec2Config) -> None:
-    """Write ``directory/config.json`` and ``directory/model.safetensors`` in transformers' layout."""
+    """Write ``directory/config.json``, ``directory/model.safetensors`` and
+    ``directory/preprocessor_config.json`` (the feature extractor's settings) in transformers' layout."""
     from safetensors.numpy import save
 
     directory = os.fspath(directory)
@@ -72,6 +74,7 @@ def save_transformers(directory: str | os.PathLike, params: Mapping[str, Any], c
     blob = save(state, metadata={"format": "pt"})
     atomic_write(os.path.join(directory, SAFE_WEIGHTS_NAME), lambda f: f.write(blob))
     atomic_write_json(os.path.join(directory, "config.json"), data)
+    Xcodec2FeatureExtractor(hop_length=config.hop_length).save_pretrained(directory)
 
 
 def semantic_config_from(path: str | os.PathLike, layers: int = SEMANTIC_LAYERS_USED) -> SemanticConfig:

@@ -26,10 +26,10 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from ..inference import batching, windows
 from ..inference.codec import Xcodec2Codec
-from ..inference.hub import DEFAULT_MODEL_ID
 from ..utils import validation
 from ..utils.compat import jax_distributed
 from ..utils.dtypes import compute_dtype
+from ..utils.hub import DEFAULT_MODEL_ID
 from ..utils.progress import progress_bar
 from ..utils.storage import Location, StorageError
 from ..utils.version import __version__

@@ -24,12 +24,12 @@ from ..modeling.features import Xcodec2FeatureExtractor
 from ..modeling.layout import ENCODE_MODULES, per_layer
 from ..modeling.model import Xcodec2Model
 from ..utils import validation
+from ..utils.hub import DEFAULT_MODEL_ID, resolve_checkpoint
 from ..utils.progress import progress_bar
 from . import batching, windows
 from .audio import SAMPLING_RATE, prepare_audio
 from .batching import EncodedAudio
 from .compilation_cache import enable_compilation_cache
-from .hub import DEFAULT_MODEL_ID, resolve_checkpoint
 from .loading import load_for_inference
 from .programs import CodecPrograms, encoder_param_specs, encoder_params, programs_dir, specs_of
 from .stream import DecodeStream

@@ -13,14 +13,22 @@ per-item statistics and the reference replaces them with padding anyway.
 from __future__ import annotations
 
 import functools
+import json
 import numbers
+import os
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ..utils.files import atomic_write_json
+from ..utils.hub import resolve_checkpoint
+
 SAMPLING_RATE = 16000
 NUM_MEL_BINS = 80
+# transformers' file name for a feature extractor's settings.
+PREPROCESSOR_CONFIG = "preprocessor_config.json"
+SETTINGS = ("feature_size", "sampling_rate", "padding_value", "hop_length")
 FRAME_LENGTH = 400  # 25 ms
 FRAME_SHIFT = 160  # 10 ms
 N_FFT = 512  # kaldi rounds the frame length up to a power of two
@@ -258,6 +266,47 @@ class Xcodec2FeatureExtractor:
             f"{type(self).__name__}(feature_size={self.feature_size}, sampling_rate={self.sampling_rate}, "
             f"padding_value={self.padding_value}, hop_length={self.hop_length})"
         )
+
+    @classmethod
+    def from_pretrained(
+        cls, path_or_repo_id: str | os.PathLike, revision: str | None = None, cache_dir: str | None = None
+    ) -> Xcodec2FeatureExtractor:
+        """The extractor a checkpoint describes in its ``preprocessor_config.json`` (what transformers'
+        ``save_pretrained`` writes and ``AutoFeatureExtractor.from_pretrained`` reads), from a local
+        directory or a Hub repo id (downloaded as for ``Xcodec2Codec.from_pretrained``). OSError when
+        the file is missing; ValueError when it names another extractor or settings this one lacks."""
+        directory = resolve_checkpoint(path_or_repo_id, revision, cache_dir)
+        path = os.path.join(directory, PREPROCESSOR_CONFIG)
+        if not os.path.isfile(path):
+            raise OSError(f"{directory}: no {PREPROCESSOR_CONFIG} (the feature extractor's settings)")
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+        kind = data.get("feature_extractor_type", cls.__name__)
+        if kind != cls.__name__:
+            raise ValueError(f"{path}: feature_extractor_type {kind!r}, not {cls.__name__}")
+        return cls(
+            **{
+                k: data[k]
+                for k in ("feature_size", "sampling_rate", "padding_value", "hop_length")
+                if k in data
+            }
+        )
+
+    def to_dict(self) -> dict:
+        """The settings as transformers' ``Xcodec2FeatureExtractor`` writes them."""
+        return {
+            "feature_extractor_type": type(self).__name__,
+            "feature_size": self.feature_size,
+            "sampling_rate": self.sampling_rate,
+            "padding_value": self.padding_value,
+            "hop_length": self.hop_length,
+            "padding_side": "right",
+            "return_attention_mask": True,
+        }
+
+    def save_pretrained(self, directory: str | os.PathLike) -> None:
+        """Write ``directory/preprocessor_config.json`` (see :meth:`from_pretrained`)."""
+        atomic_write_json(os.path.join(os.fspath(directory), PREPROCESSOR_CONFIG), self.to_dict())
 
     def num_feature_frames(self, padded_length: int) -> int:
         """F, the number of stacked feature frames for ``padded_length`` samples of padded audio."""

@@ -38,10 +38,10 @@ from ..config import Xcodec2Config
 from ..corpus.run import init_distributed
 from ..corpus.sources import Item, list_items
 from ..inference.compilation_cache import enable_compilation_cache
-from ..inference.hub import resolve_checkpoint
 from ..modeling.model import init_params
 from ..utils import validation
 from ..utils.files import atomic_write_json
+from ..utils.hub import resolve_checkpoint
 from ..utils.progress import progress_bar
 from .data import Crops, Prefetcher
 from .generator import TRAINING_ONLY, Generator
