@@ -232,6 +232,24 @@ def test_parquet_and_manifest_columns_are_carried_typed(small_ref, shards, expec
     np.testing.assert_array_equal(row["codes"], expected[flac_key])
 
 
+def test_any_fsspec_url_is_a_source_and_an_output(small_ref, shards, expected):
+    """memory:// (fsspec's in-process store) as both ends: the same code path as a bucket's."""
+    import fsspec
+    import pyarrow.parquet as pq
+
+    root, good, _ = shards
+    fs = fsspec.filesystem("memory")
+    fs.put_file(str(root / "EN_B00001.tar.gz"), "/corpus/EN_B00001.tar.gz")
+    result = tokenize("memory://corpus/*.tar.gz", "memory://tokens", model=small_ref.path, progress=False)
+    assert result["num_items"] == 1 and result["num_errors"] == 0
+    with fs.open("/tokens/data/train-00000-of-00001.parquet", "rb") as f:
+        [row] = pq.read_table(f).to_pylist()
+    key = "EN_B00001/EN_B00001_S00000_W000000"
+    assert row["id"] == key and row["text"] == good[key][1]["text"]
+    np.testing.assert_array_equal(row["codes"], expected[key])
+    assert json.loads(fs.cat_file("/tokens/manifest.json"))["complete_shards"] == 1
+
+
 def test_a_url_whose_filesystem_is_missing_is_one_line(tmp_path, capsys):
     # Azure's adlfs is not a dependency of ours: fsspec knows the scheme but cannot load it.
     assert main(["tokenize", "abfs://container/shards/*.tar", "-o", str(tmp_path / "o")]) == 2
