@@ -264,7 +264,8 @@ def tokenize(
         "max_window_seconds": max_window_seconds,
         "context_seconds": context_seconds,
         "num_listed": sum(isinstance(u, Item) for u in units),
-        "ids_sha256": ids_digest([u.id if isinstance(u, Item) else "tar:" + u.location.url for u in units]),
+        # A tar shard counts by its name (its items' ids start with it), so moving a corpus keeps its job.
+        "ids_sha256": ids_digest([u.id if isinstance(u, Item) else "tar:" + u.name for u in units]),
     }
     if any(isinstance(u, TarShard) for u in units):
         job["tar_shards"] = sum(isinstance(u, TarShard) for u in units)
