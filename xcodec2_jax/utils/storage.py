@@ -98,6 +98,7 @@ class Location:
 
     @property
     def is_local(self) -> bool:
+        """True for a plain local path (no fsspec involved)."""
         return self.fs is None
 
     def child(self, *parts: str) -> Location:
@@ -124,11 +125,13 @@ class Location:
 
     @property
     def name(self) -> str:
+        """The last part of the path (the file or folder name)."""
         return posixpath.basename(self.path.rstrip("/")) if self.fs else os.path.basename(self.path)
 
     # fsspec caches listings per filesystem instance; other processes write to the same folders, so
     # every question about what exists asks the store afresh.
     def exists(self) -> bool:
+        """Whether anything is there (asked afresh, as are is_file, is_dir and names)."""
         if self.fs is None:
             return os.path.exists(self.path)
         with reaching(self.url):
@@ -136,6 +139,7 @@ class Location:
             return self.fs.exists(self.path)
 
     def is_file(self) -> bool:
+        """Whether a file is there."""
         if self.fs is None:
             return os.path.isfile(self.path)
         with reaching(self.url):
@@ -143,6 +147,7 @@ class Location:
             return self.fs.isfile(self.path)
 
     def is_dir(self) -> bool:
+        """Whether a folder (or an object-store prefix) is there."""
         if self.fs is None:
             return os.path.isdir(self.path)
         with reaching(self.url):
@@ -150,6 +155,7 @@ class Location:
             return self.fs.isdir(self.path)
 
     def open(self, mode: str = "rb", **kwargs) -> IO:
+        """The file opened in ``mode`` (``kwargs`` to ``open`` or the filesystem's ``open``)."""
         if self.fs is None:
             return open(self.path, mode, **kwargs)
         with reaching(self.url):
@@ -185,6 +191,7 @@ class Location:
             self.fs.pipe_file(self.path, buffer.getvalue())
 
     def remove(self) -> None:
+        """Delete the file."""
         if self.fs is None:
             os.unlink(self.path)
         else:
