@@ -40,10 +40,12 @@ class _Run:
     def __init__(self):
         self.failed = 0
 
-    def fail(self, path: str, problem: str) -> None:
+    def fail(self, path: str | None, problem: str) -> None:
+        """One line on stderr: ``path`` (None where ``problem`` names its own place), then the problem."""
         self.failed += 1
         message = " ".join(str(problem).split())
-        print(f"xcodec2-jax: {path}: {message}", file=sys.stderr)
+        where = "" if path is None else f"{path}: "
+        print(f"xcodec2-jax: {where}{message}", file=sys.stderr)
 
     @property
     def exit_code(self) -> int:
@@ -212,7 +214,7 @@ def cmd_tokenize(args, run: _Run) -> None:
     except OSError as e:  # the model could not be loaded
         raise ModelLoadError(str(e)) from e
     except ValueError as e:  # unusable sources, or an output folder of another job
-        run.fail(args.output, str(e))
+        run.fail(None, str(e))  # the sources' and OUT's errors name their path or URL
 
 
 # long: the options shared by every subcommand, each with its help text
@@ -394,12 +396,19 @@ def _recipe(args) -> Recipe:
         if getattr(args, name) is not None:
             options[name] = getattr(args, name)
     if args.discriminator_channels:
-        mpd, spec = (int(v) for v in args.discriminator_channels.split(","))
+        try:
+            mpd, spec = (int(v) for v in args.discriminator_channels.split(","))
+        except ValueError:
+            given = args.discriminator_channels
+            raise ValueError(f"--discriminator-channels takes MPD,SPEC, got {given!r}") from None
         options.update(mpd_channels=mpd, spec_channels=spec)
     if args.trainable:
         options["trainable"] = tuple(part.strip() for part in args.trainable.split(",") if part.strip())
     if args.loss_weights:
-        weights = json.loads(args.loss_weights)
+        try:
+            weights = json.loads(args.loss_weights)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"--loss-weights: not JSON ({e})") from None
         known = {f.name for f in dataclasses.fields(Recipe) if f.name.endswith("_weight")}
         if not isinstance(weights, dict) or set(weights) - known:
             raise ValueError(f"--loss-weights takes a JSON object with keys among {sorted(known)}")
@@ -432,8 +441,8 @@ def cmd_train(args, run: _Run) -> None:
         )
     except OSError as e:
         raise ModelLoadError(str(e)) from e
-    except (ValueError, json.JSONDecodeError) as e:
-        run.fail(" ".join(args.data), str(e))
+    except ValueError as e:
+        run.fail(None, str(e))  # the data's errors name their path or URL, the options' their option
 
 
 def cmd_export(args, run: _Run) -> None:
