@@ -844,7 +844,8 @@ def train_section(rows: list[dict], ctx: dict) -> list[str]:
                 first.get("config"),
                 first.get("recipe", "reconstruction"),  # rows from before the GAN recipe
                 first.get("dtype", "float32"),
-                f"{first.get('batch')} × {first.get('seconds', 0):g} s",
+                f"{first.get('batch')} × {first.get('seconds', 0):g} s"
+                + (" (a process each)" if first.get("isolated") else ""),
                 step(j),
                 step(t),
                 f"**{speedup:.2f}×**" if speedup else MISSING,
@@ -858,7 +859,8 @@ def train_section(rows: list[dict], ctx: dict) -> list[str]:
         "One training step in `xcodec2_jax`'s `RecipeTrainer` against the same step in PyTorch eager, in "
         "alternating rounds: `xcodec2` is X-Codec2's whole GAN step (discriminators, then everything but "
         "w2v-BERT; torch bfloat16 under autocast), `reconstruction` the decoder's fine-tuning step "
-        "(frozen encoder, log-mel + multi-resolution STFT loss).",
+        "(frozen encoder, log-mel + multi-resolution STFT loss). \"A process each\": every round ran "
+        "one fresh process per framework (`--isolate`), so that one model is in memory at a time.",
         "",
         table(header, out),
     ]
