@@ -256,3 +256,19 @@ def test_a_url_whose_filesystem_is_missing_is_one_line(tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and 'pip install "xcodec2_jax[cloud]"' in err and "abfs://" in err
     assert not os.path.exists(tmp_path / "o")
+
+
+def test_gzip_shards_read_by_range_keep_few_streams_open(tmp_path):
+    """Training reads .tar.gz members by offset through forward streams; only the few used last stay
+    open, and a shard whose stream was closed is read again from its start."""
+    from xcodec2_jax.corpus import tars
+
+    shards = []
+    for i in range(tars._GzipStreams.MAX_STREAMS + 2):
+        write_shard(tmp_path / f"s{i}.tar.gz", [(f"k{i}.flac", bytes([i]) * 3000)])
+        shards.append(Location(str(tmp_path / f"s{i}.tar.gz")))
+    for _ in range(2):
+        for i, where in enumerate(shards):
+            [sample] = tars.samples(where)
+            assert tars.member_bytes(where, *sample.audio) == bytes([i]) * 3000
+            assert len(tars._GZIP_STREAMS.streams) <= tars._GzipStreams.MAX_STREAMS

@@ -132,10 +132,10 @@ class TarShard:
     def items(self) -> Iterator[Item]:
         """The shard's items in member order, each with its audio bytes (``data``), from one forward
         read; a shard that is not a tar gives one item saying so."""
-        where = self.location
+        where, name = self.location, self.name
         try:
             for s in tars.stream(where):
-                yield _tar_item(where, s)
+                yield _tar_item(where, name, s)
         except StorageError:
             raise
         except ValueError as e:
@@ -144,15 +144,13 @@ class TarShard:
             raise storage_error(where, e) from None
 
 
-def _tar_item(where: Location, s: tars.Sample) -> Item:
-    name = tars.shard_name(where.name)
-    return Item(
-        f"{name}/{s.key}", where.url, None, s.audio, where, s.meta or None, s.problem, s.data
-    )
+def _tar_item(where: Location, shard: str, s: tars.Sample) -> Item:
+    return Item(f"{shard}/{s.key}", where.url, None, s.audio, where, s.meta or None, s.problem, s.data)
 
 
 def _tar_items(source: Location) -> list[Item]:
-    return [_tar_item(source, s) for s in tars.samples(source)]
+    shard = tars.shard_name(source.name)
+    return [_tar_item(source, shard, s) for s in tars.samples(source)]
 
 
 def _folder_items(root: Location, stream_tars: bool) -> list[Item | TarShard]:

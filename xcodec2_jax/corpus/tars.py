@@ -58,20 +58,30 @@ def is_gzip(location: Location) -> bool:
     return location.path.lower().endswith((".tar.gz", ".tgz"))
 
 
+# What tarfile, gzip and the file beneath raise on a damaged or truncated shard.
+_TAR_ERRORS = (tarfile.TarError, EOFError, OSError, zlib.error)
+
+
+def _open(location: Location, f, streaming: bool) -> tarfile.TarFile:
+    mode = ("r|" if streaming else "r:") + ("gz" if is_gzip(location) else "")
+    try:
+        return tarfile.open(fileobj=f, mode=mode)
+    except _TAR_ERRORS as e:
+        raise ValueError(f"{location}: not a readable tar file ({type(e).__name__}: {e})") from None
+
+
 def samples(location: Location) -> list[Sample]:
     """The samples of the shard at ``location`` in member order. ValueError when it is not a tar; a
     shard cut short keeps the samples before the cut (reading the cut member's audio fails then)."""
     found: dict[str, Sample] = {}
     with location.open("rb") as f:
-        try:
-            tar = tarfile.open(fileobj=f, mode="r:gz" if is_gzip(location) else "r:")
-        except (tarfile.TarError, EOFError, OSError, zlib.error) as e:
-            raise ValueError(f"{location}: not a readable tar file ({type(e).__name__}: {e})") from None
+        tar = _open(location, f, streaming=False)
         try:
             for member in tar:
-                if member.isfile():
-                    _add_member(found, tar, member)
-        except (tarfile.TarError, EOFError, OSError, zlib.error):
+                split = _split(member)
+                if split is not None:
+                    _add_member(found.setdefault(split[0], Sample(split[0])), tar, member, split[1])
+        except _TAR_ERRORS:
             pass  # cut short: the members before the cut are listed, the cut one fails when read
     return [_checked(sample) for sample in found.values()]
 
@@ -89,17 +99,15 @@ def stream(location: Location) -> Iterator[Sample]:
     its sample ended is a sample marked as a repeat (ids must stay unique); a file that is not a tar
     is a ValueError."""
     with location.open("rb") as f:
-        try:
-            tar = tarfile.open(fileobj=f, mode="r|gz" if is_gzip(location) else "r|")
-        except (tarfile.TarError, EOFError, OSError, zlib.error) as e:
-            raise ValueError(f"{location}: not a readable tar file ({type(e).__name__}: {e})") from None
+        tar = _open(location, f, streaming=True)
         current: Sample | None = None
         seen: set[str] = set()
         try:
             for member in tar:
-                key = _key_of(member)
-                if key is None:
+                split = _split(member)
+                if split is None:
                     continue
+                key, ext = split
                 if current is None or key != current.key:
                     if current is not None:
                         yield _checked(current)
@@ -107,8 +115,8 @@ def stream(location: Location) -> Iterator[Sample]:
                     if key in seen:
                         current.problem = f"key {key!r} appears again after its sample ended"
                     seen.add(key)
-                _add_member(current, tar, member, keep_audio=True)
-        except (tarfile.TarError, EOFError, OSError, zlib.error) as e:
+                _add_member(current, tar, member, ext, keep_audio=True)
+        except _TAR_ERRORS as e:
             if current is None:
                 raise ValueError(f"{location}: not a readable tar file ({type(e).__name__}: {e})") from None
             current.problem = f"the tar is cut short in this sample ({type(e).__name__}: {e})"
@@ -116,18 +124,17 @@ def stream(location: Location) -> Iterator[Sample]:
             yield _checked(current)
 
 
-def _key_of(member: tarfile.TarInfo) -> str | None:
+def _split(member: tarfile.TarInfo) -> tuple[str, str] | None:
+    """(key, lower-cased extension) of a regular file member, as WebDataset splits its name."""
     match = _KEY_EXT.match(member.name) if member.isfile() else None
-    return None if match is None else match.group(1)
+    return None if match is None else (match.group(1), match.group(2).lower())
 
 
-def _add_member(found, tar: tarfile.TarFile, member: tarfile.TarInfo, keep_audio: bool = False) -> None:
-    """Add ``member`` to its sample: ``found`` is the dict of samples by key, or the one sample."""
-    match = _KEY_EXT.match(member.name)
-    if match is None:
-        return
-    key, ext = match.group(1), match.group(2).lower()
-    sample = found if isinstance(found, Sample) else found.setdefault(key, Sample(key))
+def _add_member(
+    sample: Sample, tar: tarfile.TarFile, member: tarfile.TarInfo, ext: str, keep_audio: bool = False
+) -> None:
+    """Add ``member`` (extension ``ext``) to ``sample``: the audio's place (and bytes when
+    ``keep_audio``), or the metadata it holds."""
     if ("." + ext).endswith(AUDIO_EXTENSIONS):
         if sample.audio is None:
             sample.audio = (member.offset_data, member.size)
@@ -162,19 +169,24 @@ def member_bytes(location: Location, offset: int, size: int) -> bytes:
 
 
 class _GzipStreams:
-    """Forward streams through gzip-compressed shards, one per shard. The bytes a stream skips on its
-    way to a member are kept for a while (up to ``KEEP_BYTES``): the job's reader threads ask in
-    member order, but one may ask a moment before the thread asking for the member just before."""
+    """Forward streams through gzip-compressed shards, one per shard, the ``MAX_STREAMS`` used last
+    kept open (each holds a file and its kept bytes). The bytes a stream skips on its way to a member
+    are kept for a while (up to ``KEEP_BYTES``): readers ask in member order, but one thread may ask a
+    moment before the thread asking for the member just before."""
 
     KEEP_BYTES = 256 << 20
+    MAX_STREAMS = 4
 
     def __init__(self):
         self.lock = threading.Lock()
-        self.streams: dict[Location, _Stream] = {}
+        self.streams: collections.OrderedDict[Location, _Stream] = collections.OrderedDict()
 
     def read(self, location: Location, offset: int, size: int) -> bytes:
         with self.lock:
-            stream = self.streams.setdefault(location, _Stream(location))
+            stream = self.streams.pop(location, None) or _Stream(location)
+            self.streams[location] = stream
+            while len(self.streams) > self.MAX_STREAMS:
+                self.streams.popitem(last=False)[1].close()
         return stream.read(offset, size, self.KEEP_BYTES)
 
 
@@ -182,8 +194,20 @@ class _Stream:
     def __init__(self, location: Location):
         self.location = location
         self.lock = threading.Lock()
-        self.file: gzip.GzipFile | None = None
+        self.raw = self.file = None
         self.kept: collections.deque[tuple[int, bytes]] = collections.deque()
+
+    def _reset(self) -> None:
+        # GzipFile leaves the file it reads from open: both are closed.
+        for f in (self.file, self.raw):
+            if f is not None:
+                f.close()
+        self.raw = self.file = None
+
+    def close(self) -> None:
+        with self.lock:
+            self._reset()
+            self.kept.clear()
 
     def read(self, offset: int, size: int, keep_bytes: int) -> bytes:
         with self.lock:
@@ -191,9 +215,9 @@ class _Stream:
                 if start <= offset and offset + size <= start + len(chunk):
                     return chunk[offset - start : offset - start + size]
             if self.file is None or self.file.tell() > offset:
-                if self.file is not None:
-                    self.file.close()
-                self.file = gzip.GzipFile(fileobj=self.location.open("rb"))
+                self._reset()
+                self.raw = self.location.open("rb")
+                self.file = gzip.GzipFile(fileobj=self.raw)
             skipped = offset - self.file.tell()
             if 0 < skipped <= keep_bytes:
                 self.kept.append((self.file.tell(), self.file.read(skipped)))

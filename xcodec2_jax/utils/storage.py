@@ -128,31 +128,26 @@ class Location:
         """The last part of the path (the file or folder name)."""
         return posixpath.basename(self.path.rstrip("/")) if self.fs else os.path.basename(self.path)
 
-    # fsspec caches listings per filesystem instance; other processes write to the same folders, so
-    # every question about what exists asks the store afresh.
     def exists(self) -> bool:
         """Whether anything is there (asked afresh, as are is_file, is_dir and names)."""
-        if self.fs is None:
-            return os.path.exists(self.path)
-        with reaching(self.url):
-            self.fs.invalidate_cache(self.path)
-            return self.fs.exists(self.path)
+        return self._ask(os.path.exists, "exists")
 
     def is_file(self) -> bool:
         """Whether a file is there."""
-        if self.fs is None:
-            return os.path.isfile(self.path)
-        with reaching(self.url):
-            self.fs.invalidate_cache(self.path)
-            return self.fs.isfile(self.path)
+        return self._ask(os.path.isfile, "isfile")
 
     def is_dir(self) -> bool:
         """Whether a folder (or an object-store prefix) is there."""
+        return self._ask(os.path.isdir, "isdir")
+
+    def _ask(self, local: Callable[[str], bool], remote: str) -> bool:
         if self.fs is None:
-            return os.path.isdir(self.path)
+            return local(self.path)
+        # fsspec caches listings per filesystem instance, and other processes write to the same
+        # folders: the store is asked afresh.
         with reaching(self.url):
             self.fs.invalidate_cache(self.path)
-            return self.fs.isdir(self.path)
+            return getattr(self.fs, remote)(self.path)
 
     def open(self, mode: str = "rb", **kwargs) -> IO:
         """The file opened in ``mode`` (``kwargs`` to ``open`` or the filesystem's ``open``)."""
